@@ -1,0 +1,64 @@
+"""One dataclass per concept; each component takes only the configs it uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """What to load and in which dtype."""
+
+    model: str | None = None  # HF folder, .gguf file, or None for the bundled SmolLM2
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float32 | float16
+    max_model_len: int | None = None  # None: the model's context length
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache geometry."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; None: a default sized to max_num_seqs * max_model_len
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Token budget and admission limits of one engine step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    # NOTE: a prefill chunk longer than this is split even when the budget would allow more,
+    # so that decodes of running requests are not starved by one long prompt. 0 disables it.
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine is built from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
