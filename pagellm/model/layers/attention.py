@@ -1,0 +1,92 @@
+"""Paged attention over a KV cache shaped [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One request's multi-token chunk in the flat token axis."""
+
+    token_start: int
+    num_tokens: int
+    num_computed_tokens: int  # tokens of this request already in the cache before the chunk
+    block_ids: torch.Tensor | None  # [num_blocks_needed], only when num_computed_tokens > 0
+    mask: torch.Tensor | None  # [num_tokens, num_computed + num_tokens] bool, None when num_computed == 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner; an argument of every attention call.
+
+    The flat token axis holds the single-token decodes first, then the prefill chunks.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
+    num_decode_tokens: int = 0
+    decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter the new keys/values [num_tokens, num_kv_heads, head_dim] into their slots."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    num_decodes = meta.num_decode_tokens
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    table = meta.decode_block_table
+    # [num_decodes, num_kv_heads, max_len, head_dim]
+    keys = k_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # NOTE: the query heads of one KV group become the query-length axis, so GQA needs no
+    # repeat of K/V; the padding mask broadcasts over them.
+    query = q.view(num_decodes, num_kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return out.reshape(num_decodes, num_heads, head_dim)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, chunk: PrefillChunk, scale: float) -> torch.Tensor:
+    s, e = chunk.token_start, chunk.token_start + chunk.num_tokens
+    query = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, num_heads, chunk, head_dim]
+    if chunk.num_computed_tokens == 0:
+        keys = k[s:e].transpose(0, 1).unsqueeze(0)
+        values = v[s:e].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        total = chunk.num_computed_tokens + chunk.num_tokens
+        keys = k_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
+        values = v_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=True
+        )
+    return out[0].transpose(0, 1)  # [chunk, num_heads, head_dim]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+
+    Writes k/v into the cache, then attends each token to its request's cached prefix.
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    parts = []
+    if meta.num_decode_tokens:
+        parts.append(_decode_attention(q[: meta.num_decode_tokens], k_cache, v_cache, meta, scale))
+    for chunk in meta.prefills:
+        parts.append(_prefill_attention(q, k, v, k_cache, v_cache, chunk, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -1,0 +1,132 @@
+"""GGUF files: config from metadata, tensors dequantized with the gguf package, HF names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pagellm.errors import InvalidRequest
+
+SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """Map a GGUF tensor name (blk.3.attn_q.weight) to its HF name (model.layers.3.self_attn.q_proj.weight)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise InvalidRequest(f"unknown GGUF tensor {gguf_name!r}", param="model")
+
+
+def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs -> rotate-half halves)."""
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+class GGUFCheckpoint:
+    """An opened GGUF file: its HF-style config and its tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except Exception as exc:  # a truncated or foreign file
+            raise InvalidRequest(f"cannot read GGUF file {self.path}: {exc}", param="model") from exc
+        self.arch = str(_field(self.reader, "general.architecture", ""))
+        if self.arch not in SUPPORTED_ARCHS:
+            raise InvalidRequest(
+                f"unsupported GGUF architecture {self.arch!r}; supported: {sorted(SUPPORTED_ARCHS)}",
+                param="model",
+            )
+        for t in self.reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_QUANTS:
+                raise InvalidRequest(
+                    f"GGUF tensor {t.name} has unsupported type {t.tensor_type.name}; "
+                    f"supported: {sorted(SUPPORTED_QUANTS)}",
+                    param="model",
+                )
+        self.config = self._build_config()
+
+    def _build_config(self):
+        from transformers import LlamaConfig, Qwen2Config
+
+        r, a = self.reader, self.arch
+        names = {t.name for t in r.tensors}
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        vocab = _field(r, f"{a}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+        num_heads = int(_field(r, f"{a}.attention.head_count"))
+        hidden = int(_field(r, f"{a}.embedding_length"))
+        head_dim = int(_field(r, f"{a}.rope.dimension_count", hidden // num_heads))
+        rope: dict = {"rope_type": "default", "rope_theta": float(_field(r, f"{a}.rope.freq_base", 10000.0))}
+        scaling_type = _field(r, f"{a}.rope.scaling.type")
+        if scaling_type == "linear":
+            rope.update(rope_type="linear", factor=float(_field(r, f"{a}.rope.scaling.factor")))
+        kwargs = dict(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(_field(r, f"{a}.feed_forward_length")),
+            num_hidden_layers=int(_field(r, f"{a}.block_count")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(_field(r, f"{a}.attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            max_position_embeddings=int(_field(r, f"{a}.context_length", 2048)),
+            rms_norm_eps=float(_field(r, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_parameters=rope,
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
+        )
+        cls = LlamaConfig if a == "llama" else Qwen2Config
+        config = cls(**kwargs)
+        config.architectures = [SUPPORTED_ARCHS[a]]
+        return config
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, float32 tensor) for every tensor, dequantized, q/k un-permuted for llama."""
+        import gguf
+
+        cfg = self.config
+        for t in self.reader.tensors:
+            name = hf_tensor_name(t.name)
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            data = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+                data = unpermute_qk(data, heads)
+            yield name, torch.from_numpy(np.ascontiguousarray(data))

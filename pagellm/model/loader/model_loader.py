@@ -1,0 +1,74 @@
+"""Build a model from a ModelSource: config, class, weights, dtype."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from pagellm.errors import InvalidRequest
+from pagellm.model.loader.gguf_loader import GGUFCheckpoint
+from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
+from pagellm.model.loader.resolve import ModelSource
+from pagellm.model.models.registry import get_model_class
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16, where bf16 matmuls beat float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'auto' is bfloat16 on CPUs with native bf16 math (AMX/AVX512-BF16), else float32.
+
+    NOTE: on AVX2-only CPUs torch emulates bf16 matmuls and runs them several times slower
+    than float32, so bfloat16 there would be a slower default, not a faster one.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.cuda.is_available() or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise InvalidRequest(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}", param="dtype")
+    return _DTYPES[dtype]
+
+
+def load_config(source: ModelSource):
+    if source.format == "gguf":
+        return GGUFCheckpoint(source.path).config
+    return load_hf_config(source.path)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
+    """Instantiate the architecture on CPU in `dtype` and load its weights (no grad)."""
+    if source.format == "gguf":
+        ckpt = GGUFCheckpoint(source.path)
+        config, weights = ckpt.config, ckpt.weights()
+    else:
+        config = load_hf_config(source.path)
+        weights = iter_safetensors(source.path)
+    cls = get_model_class(getattr(config, "architectures", None))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if model.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights(weights)
+    model.requires_grad_(False)
+    return model.eval()
+

@@ -1,0 +1,169 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2): RMSNorm, RoPE, GQA, SwiGLU, tied embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagellm.model.layers.attention import AttentionMetadata, paged_attention
+from pagellm.model.layers.norm import RMSNorm
+from pagellm.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def rope_settings(config) -> tuple[float, dict | None]:
+    """(theta, scaling) from either the transformers 4 or 5 config layout."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or params or None
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return float(theta), scaling
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, RoPE, paged attention, output projection."""
+
+    def __init__(self, config, qkv_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU with a fused gate/up projection."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, qkv_bias: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, final hidden states out; logits only for the rows that need them."""
+
+    qkv_bias = False
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.qkv_bias) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        attn = self.layers[0].self_attn
+        theta, scaling = rope_settings(config)
+        with torch.device("cpu"):  # tables are real even when the weights start on "meta"
+            self.rotary = RotaryEmbedding(attn.head_dim, config.max_position_embeddings, theta, scaling)
+        self.num_kv_heads = attn.num_kv_heads
+        self.head_dim = attn.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        cos, sin = self.rotary.lookup(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_rows, hidden] -> float32 logits [num_rows, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; fused projections are filled slice by slice. Checks coverage."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        attn = self.layers[0].self_attn
+        inter = self.layers[0].mlp.intermediate_size
+        fused = {
+            "q_proj": ("qkv_proj", 0, attn.q_size),
+            "k_proj": ("qkv_proj", attn.q_size, attn.kv_size),
+            "v_proj": ("qkv_proj", attn.q_size + attn.kv_size, attn.kv_size),
+            "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, inter),
+        }
+        expected = {n for n in params if not (self.tie_word_embeddings and n == "lm_head.weight")}
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target, offset, size = name, None, None
+            if len(parts) >= 2 and parts[-2] in fused:
+                fused_name, offset, size = fused[parts[-2]]
+                target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+            if target not in params:
+                raise ValueError(f"unexpected weight {hf_name!r} (mapped to {target!r})")
+            param = params[target]
+            with torch.no_grad():
+                if offset is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                    param.copy_(tensor)
+                    loaded.add(target)
+                else:
+                    param[offset : offset + size].copy_(tensor)
+                    loaded.add(f"{target}:{offset}")
+        slices: dict[str, int] = {}
+        for key in loaded:
+            if ":" in key:
+                slices[key.split(":")[0]] = slices.get(key.split(":")[0], 0) + 1
+        # every slice of a fused projection must arrive: qkv has 3, gate_up has 2
+        fused_done = {n for n, c in slices.items() if c == (3 if "qkv_proj" in n else 2)}
+        missing = sorted(n for n in expected if n not in loaded and n not in fused_done)
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {missing[:8]}{'...' if len(missing) > 8 else ''}")
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 differs from Llama by biases on the q/k/v projections."""
+
+    qkv_bias = True
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral uses the Llama layout (sliding window is not applied: contexts stay within it)."""

@@ -1,0 +1,106 @@
+"""SchedulerOutput -> flat model inputs, built once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.core.sched_output import ScheduledRequest, SchedulerOutput
+from pagellm.model.layers.attention import AttentionMetadata, PrefillChunk
+
+
+@dataclass
+class PromptLogprobRows:
+    """Rows of the logits tensor whose next token is a known prompt token."""
+
+    req_id: str
+    row_start: int
+    target_ids: list[int]
+    k: int
+
+
+@dataclass
+class ModelInputs:
+    """Flat tensors for one forward pass plus which hidden rows need logits."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    attn_meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states to turn into logits
+    sample_rows: list[ScheduledRequest]  # in logits order, after the prompt-logprob rows
+    num_prompt_logprob_rows: int
+    prompt_logprob_rows: list[PromptLogprobRows]
+
+
+def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
+    return req.sampling_params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens - 1
+
+
+def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
+    # Single-token requests form the batched "decode" group; multi-token chunks follow.
+    decodes = [r for r in so.scheduled if len(r.token_ids) == 1]
+    chunks = [r for r in so.scheduled if len(r.token_ids) > 1]
+    ordered = decodes + chunks
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    for req in ordered:
+        start = req.num_computed_tokens
+        input_ids.extend(req.token_ids)
+        table = req.block_ids
+        for pos in range(start, start + len(req.token_ids)):
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode_tokens=len(decodes))
+    if decodes:
+        lengths = [r.num_computed_tokens + 1 for r in decodes]
+        max_blocks = (max(lengths) + block_size - 1) // block_size
+        table = [r.block_ids[:max_blocks] + [0] * (max_blocks - min(len(r.block_ids), max_blocks)) for r in decodes]
+        meta.decode_block_table = torch.tensor(table, dtype=torch.long)
+        span = torch.arange(max_blocks * block_size)
+        meta.decode_mask = (span.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).view(len(decodes), 1, 1, -1)
+
+    offset = len(decodes)
+    for req in chunks:
+        n, done = len(req.token_ids), req.num_computed_tokens
+        chunk = PrefillChunk(offset, n, done, None, None)
+        if done > 0:
+            num_blocks = (done + n + block_size - 1) // block_size
+            chunk.block_ids = torch.tensor(req.block_ids[:num_blocks], dtype=torch.long)
+            # query i sits at position done+i and sees keys 0..done+i
+            chunk.mask = torch.ones(n, done + n, dtype=torch.bool).tril(diagonal=done)
+        meta.prefills.append(chunk)
+        offset += n
+
+    # Logits rows: prompt-logprob rows first, then one row per sampled request.
+    logits_rows: list[int] = []
+    plp_rows: list[PromptLogprobRows] = []
+    offset = 0
+    last_row: dict[str, int] = {}
+    for req in ordered:
+        n = len(req.token_ids)
+        if _wants_prompt_logprobs(req):
+            # position p predicts token p+1; only known prompt tokens are targets
+            count = min(n, req.num_prompt_tokens - 1 - req.num_computed_tokens)
+            start = req.num_computed_tokens
+            plp_rows.append(PromptLogprobRows(
+                req.req_id, len(logits_rows), req.all_token_ids[start + 1 : start + 1 + count],
+                req.sampling_params.prompt_logprobs,
+            ))
+            logits_rows.extend(range(offset, offset + count))
+        last_row[req.req_id] = offset + n - 1
+        offset += n
+    num_plp = len(logits_rows)
+    sample_rows = [r for r in ordered if r.sample]
+    logits_rows.extend(last_row[r.req_id] for r in sample_rows)
+    return ModelInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        attn_meta=meta,
+        logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        sample_rows=sample_rows,
+        num_prompt_logprob_rows=num_plp,
+        prompt_logprob_rows=plp_rows,
+    )

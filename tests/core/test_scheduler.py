@@ -1,0 +1,357 @@
+"""Scheduler driven by hand with no model: exact chunks, block ids, preemption, stops, aborts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pagellm.config import CacheConfig, SchedulerConfig
+from pagellm.core.sched_output import SchedulerOutput
+from pagellm.core.scheduler import Scheduler
+from pagellm.errors import InvalidRequest
+from pagellm.outputs import EngineCoreOutput, ModelRunnerOutput, TokenLogprob
+from pagellm.request import Request, RequestStatus
+from pagellm.sampling_params import SamplingParams
+
+Sampler = Callable[[str, list[int]], int]
+
+
+def fake_model(req_id: str, token_ids: list[int]) -> int:
+    """A deterministic 'model': the next token is a function of the whole sequence."""
+    return 10 + (sum(i * t for i, t in enumerate(token_ids)) + len(token_ids)) % 50
+
+
+def make_scheduler(
+    max_num_seqs: int = 4,
+    budget: int = 8,
+    num_blocks: int = 16,
+    caching: bool = True,
+    **scheduler_kwargs: object,
+) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, **scheduler_kwargs),  # type: ignore[arg-type]
+        CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=caching),
+    )
+
+
+def make_request(
+    req_id: str, num_prompt: int, start: int = 0, eos: int | None = None, **params: object
+) -> Request:
+    """A prompt of distinct tokens start, start+1, ... (no accidental prefix hits)."""
+    arrival = params.pop("arrival_time", None)
+    priority = params.pop("priority", 0)
+    return Request(
+        req_id,
+        list(range(start, start + num_prompt)),
+        SamplingParams(**params),  # type: ignore[arg-type]
+        eos_token_id=eos,
+        arrival_time=arrival,  # type: ignore[arg-type]
+        priority=priority,  # type: ignore[arg-type]
+    )
+
+
+def step(sched: Scheduler, sampler: Sampler = fake_model) -> tuple[SchedulerOutput, list[EngineCoreOutput]]:
+    out = sched.schedule()
+    runner = ModelRunnerOutput(
+        sampled_token_ids={s.req_id: sampler(s.req_id, s.all_token_ids) for s in out.scheduled if s.sample}
+    )
+    return out, sched.update_from_output(out, runner)
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int, int, list[int], bool]]:
+    """(req_id, num_computed_tokens, num_scheduled_tokens, block_ids, sample) per scheduled request."""
+    return [
+        (s.req_id, s.num_computed_tokens, s.num_scheduled_tokens, s.block_ids, s.sample)
+        for s in out.scheduled
+    ]
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 200) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not sched.has_unfinished_requests():
+            return tokens
+        _, outputs = step(sched)
+        for o in outputs:
+            tokens.setdefault(o.req_id, []).extend(o.new_token_ids)
+    raise AssertionError("requests did not finish")
+
+
+def test_chunked_prefill_then_decode() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 20, max_tokens=2))
+    out, outputs = step(sched)
+    assert plan(out) == [("a", 0, 8, [0, 1], False)]
+    assert out.scheduled[0].token_ids == list(range(8)) and outputs == []
+    assert plan(step(sched)[0]) == [("a", 8, 8, [0, 1, 2, 3], False)]
+    out, outputs = step(sched)
+    assert plan(out) == [("a", 16, 4, [0, 1, 2, 3, 4], True)]
+    assert [o.new_token_ids for o in outputs] == [[fake_model("a", list(range(20)))]]
+    out, outputs = step(sched)
+    assert plan(out) == [("a", 20, 1, [0, 1, 2, 3, 4, 5], True)]
+    assert outputs[0].finish_reason == "length"
+    out, _ = step(sched)
+    assert out.is_empty and out.finished_req_ids == ["a"]
+    assert sched.kv_cache_manager.get_num_free_blocks() == 16 and not sched.has_unfinished_requests()
+
+
+def test_decodes_are_scheduled_before_new_prefills() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 6, max_tokens=3))
+    sched.add_request(make_request("b", 6, start=100, max_tokens=3))
+    assert plan(step(sched)[0]) == [("a", 0, 6, [0, 1], True), ("b", 0, 2, [2], False)]
+    sched.add_request(make_request("c", 8, start=200, max_tokens=3))
+    # c arrived, but the running a (decode) and b (rest of its prompt) come first; c gets the rest.
+    assert plan(step(sched)[0]) == [
+        ("a", 6, 1, [0, 1], True),
+        ("b", 2, 4, [2, 3], True),
+        ("c", 0, 3, [4], False),
+    ]
+    out, outputs = step(sched)
+    assert plan(out) == [("a", 7, 1, [0, 1], True), ("b", 6, 1, [2, 3], True), ("c", 3, 5, [4, 5], True)]
+    assert [(o.req_id, o.finish_reason) for o in outputs] == [("a", "length"), ("b", None), ("c", None)]
+
+
+def test_max_num_seqs_limits_running_requests() -> None:
+    sched = make_scheduler(max_num_seqs=2, budget=64)
+    for i, name in enumerate("abc"):
+        sched.add_request(make_request(name, 3, start=10 * i, max_tokens=2))
+    assert [s.req_id for s in step(sched)[0].scheduled] == ["a", "b"]
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+    assert [s.req_id for s in step(sched)[0].scheduled] == ["a", "b"]  # both finish here
+    assert [s.req_id for s in step(sched)[0].scheduled] == ["c"]
+
+
+def test_long_prefill_threshold_splits_prompts() -> None:
+    sched = make_scheduler(long_prefill_token_threshold=3)
+    sched.add_request(make_request("a", 7, max_tokens=4))
+    sched.add_request(make_request("b", 2, start=50, max_tokens=4))
+    assert plan(step(sched)[0]) == [("a", 0, 3, [0], False), ("b", 0, 2, [1], True)]
+    assert plan(step(sched)[0]) == [("a", 3, 3, [0, 2], False), ("b", 2, 1, [1], True)]
+    assert plan(step(sched)[0]) == [("a", 6, 1, [0, 2], True), ("b", 3, 1, [1], True)]
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [("fcfs", ["low", "high", "mid", "mid_late"]), ("priority", ["high", "mid", "mid_late", "low"])],
+)
+def test_admission_order_by_policy(policy: str, expected: list[str]) -> None:
+    sched = make_scheduler(max_num_seqs=1, policy=policy)
+    for name, priority, arrival in [("low", 2, 0.0), ("high", 0, 1.0), ("mid", 1, 2.0), ("mid_late", 1, 3.0)]:
+        sched.add_request(make_request(name, 3, max_tokens=1, priority=priority, arrival_time=arrival))
+    order = [step(sched)[0].scheduled[0].req_id for _ in range(4)]
+    assert order == expected
+
+
+def test_fcfs_does_not_skip_a_blocked_head() -> None:
+    sched = make_scheduler(budget=16, num_blocks=4)
+    sched.add_request(make_request("a", 9, max_tokens=2))  # 3 blocks
+    sched.add_request(make_request("b", 8, start=100, max_tokens=1))  # 2 blocks: does not fit yet
+    sched.add_request(make_request("c", 2, start=200, max_tokens=1))  # 1 block: would fit, must wait
+    assert plan(step(sched)[0]) == [("a", 0, 9, [0, 1, 2], True)]
+    assert plan(step(sched)[0]) == [("a", 9, 1, [0, 1, 2], True)]
+    assert [s.req_id for s in step(sched)[0].scheduled] == ["b", "c"]
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_preemption_recomputes_and_matches_the_plain_run(caching: bool) -> None:
+    def requests() -> list[Request]:
+        return [make_request("a", 6, max_tokens=6), make_request("b", 6, start=50, max_tokens=6)]
+
+    plain = make_scheduler(budget=16, caching=caching)
+    for r in requests():
+        plain.add_request(r)
+    expected = run_to_completion(plain)
+    assert plain.num_preemptions == 0
+
+    sched = make_scheduler(budget=16, num_blocks=4, caching=caching)
+    a, b = requests()
+    sched.add_request(a)
+    sched.add_request(b)
+    assert plan(step(sched)[0]) == [("a", 0, 6, [0, 1], True), ("b", 0, 6, [2, 3], True)]
+    step(sched)
+    step(sched)
+    # a needs a third block for position 8 and none is free: b, the last admitted, is preempted.
+    out, _ = step(sched)
+    assert out.preempted_req_ids == ["b"]
+    assert plan(out) == [("a", 8, 1, [0, 1, 3], True)]
+    assert (b.status, b.num_computed_tokens, b.num_preemptions) == (RequestStatus.PREEMPTED, 0, 1)
+    assert sched.num_waiting == 1 and sched.num_preemptions == 1
+    assert sched.kv_cache_manager.get_block_ids("b") == []
+    b_tokens_at_preemption = list(b.all_token_ids)  # prompt + 3 outputs
+    assert len(b_tokens_at_preemption) == 9
+
+    tokens = {"a": list(a.output_token_ids), "b": list(b.output_token_ids)}
+    resumed_chunks = []
+    while sched.has_unfinished_requests():
+        out, outputs = step(sched)
+        resumed_chunks += [s for s in out.scheduled if s.req_id == "b" and s.num_computed_tokens < 9]
+        for o in outputs:
+            tokens[o.req_id].extend(o.new_token_ids)
+    # b recomputed its prompt and outputs (minus any prefix hit) and then sampled the next token.
+    first = resumed_chunks[0]
+    assert first.token_ids == b_tokens_at_preemption[first.num_computed_tokens :]
+    assert first.sample and first.num_computed_tokens == (4 if caching else 0)
+    assert tokens == expected
+    assert b.status == RequestStatus.FINISHED_LENGTH and b.num_output_tokens == 6
+    assert sched.kv_cache_manager.get_num_free_blocks() == 4
+
+
+def test_priority_preemption_takes_back_a_victim_scheduled_earlier_in_the_step() -> None:
+    sched = make_scheduler(budget=16, num_blocks=4, policy="priority")
+    a = make_request("a", 5, max_tokens=5, priority=5, arrival_time=0.0)
+    sched.add_request(a)
+    assert plan(step(sched)[0]) == [("a", 0, 5, [0, 1], True)]
+    sched.add_request(make_request("b", 8, start=50, max_tokens=3, priority=0, arrival_time=1.0))
+    assert plan(step(sched)[0]) == [("a", 5, 1, [0, 1], True), ("b", 0, 8, [2, 3], True)]
+    # a (scheduled first, it runs first) fits; b needs a third block; the victim is the worst
+    # priority, a, which gives back both its blocks and its token of this step.
+    out, _ = step(sched)
+    assert out.preempted_req_ids == ["a"]
+    assert plan(out) == [("b", 8, 1, [2, 3, 1], True)]
+    assert a.status == RequestStatus.PREEMPTED and a.num_computed_tokens == 0
+    run_to_completion(sched)
+    assert a.status == RequestStatus.FINISHED_LENGTH and a.num_output_tokens == 5
+
+
+def test_prefix_hit_on_admission() -> None:
+    sched = make_scheduler(budget=16)
+    sched.add_request(make_request("a", 10, max_tokens=3))
+    assert plan(step(sched)[0]) == [("a", 0, 10, [0, 1, 2], True)]
+    b = Request("b", list(range(8)) + [77, 78], SamplingParams(max_tokens=1))
+    sched.add_request(b)
+    out, outputs = step(sched)
+    # a's next step publishes its computed blocks 0, 1; b then hits them and computes 2 tokens.
+    assert plan(out) == [("a", 10, 1, [0, 1, 2], True), ("b", 8, 2, [0, 1, 3], True)]
+    assert b.num_cached_tokens == 8 and outputs[1].num_cached_tokens == 8
+    assert (sched.prefix_cache_queries, sched.prefix_cache_hits) == (20, 8)
+
+
+def test_abort_frees_every_block_and_is_reported_once() -> None:
+    sched = make_scheduler(max_num_seqs=1, budget=16)
+    sched.add_request(make_request("a", 10, max_tokens=5))
+    sched.add_request(make_request("b", 3, start=50, max_tokens=5))
+    step(sched)
+    assert sched.kv_cache_usage > 0
+    sched.abort_requests(["a", "b", "unknown"])
+    sched.abort_requests(["a"])  # already finished: ignored
+    assert sched.kv_cache_manager.get_num_free_blocks() == 16 and sched.kv_cache_usage == 0.0
+    assert not sched.has_unfinished_requests() and sched.get_request("a") is None
+    out = sched.schedule()
+    assert out.is_empty and out.finished_req_ids == ["a", "b"]
+    assert sched.schedule().finished_req_ids == []
+
+
+def test_abort_between_schedule_and_update_drops_the_result() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 3, max_tokens=5))
+    out = sched.schedule()
+    sched.abort_requests(["a"])
+    assert sched.update_from_output(out, ModelRunnerOutput(sampled_token_ids={"a": 7})) == []
+    assert sched.schedule().is_empty
+
+
+def test_finish_requests_for_stop_strings() -> None:
+    sched = make_scheduler()
+    a = make_request("a", 3, max_tokens=5)
+    sched.add_request(a)
+    step(sched)
+    sched.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
+    assert a.status == RequestStatus.FINISHED_STOPPED and sched.num_running == 0
+    assert sched.schedule().finished_req_ids == ["a"]
+    assert sched.kv_cache_manager.get_num_free_blocks() == 16
+
+
+def scripted(tokens: list[int]) -> Sampler:
+    it = iter(tokens)
+    return lambda req_id, token_ids: next(it)
+
+
+@pytest.mark.parametrize(
+    "params, script, num_out, reason, stop_reason",
+    [
+        ({}, [5, 2, 7], 2, "stop", None),  # eos
+        ({"ignore_eos": True, "max_tokens": 3}, [2, 2, 2], 3, "length", None),
+        ({"min_tokens": 3}, [2, 2, 2, 2], 3, "stop", None),  # eos masked until 3 tokens
+        ({"stop_token_ids": [9]}, [5, 9, 7], 2, "stop", 9),
+        ({"stop_token_ids": [9], "min_tokens": 2}, [9, 9], 2, "stop", 9),
+        ({"max_tokens": 4}, [5, 5, 5, 5, 5], 4, "length", None),
+    ],
+)
+def test_stop_conditions(
+    params: dict[str, object], script: list[int], num_out: int, reason: str, stop_reason: int | None
+) -> None:
+    sched = make_scheduler()
+    request = make_request("a", 3, start=20, eos=2, **{"max_tokens": 10, **params})
+    sched.add_request(request)
+    outputs = []
+    sampler = scripted(script)
+    while sched.has_unfinished_requests():
+        outputs += step(sched, sampler)[1]
+    assert request.num_output_tokens == num_out
+    assert (outputs[-1].finish_reason, outputs[-1].stop_reason) == (reason, stop_reason)
+    assert all(o.finish_reason is None for o in outputs[:-1])
+
+
+def test_max_model_len_finishes_with_length() -> None:
+    sched = make_scheduler(max_model_len=12, budget=16)
+    request = make_request("a", 10, max_tokens=None)
+    sched.add_request(request)
+    assert request.max_tokens == 2  # clamped to the context window
+    run_to_completion(sched)
+    assert request.num_tokens == 12 and request.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_context_window_is_also_bounded_by_the_pool() -> None:
+    sched = make_scheduler(num_blocks=2, budget=16)  # 8 slots
+    request = make_request("a", 5, max_tokens=None)
+    sched.add_request(request)
+    assert request.max_tokens == 3
+    with pytest.raises(InvalidRequest, match="prompt has 9 tokens"):
+        sched.add_request(make_request("b", 9))
+    with pytest.raises(InvalidRequest, match="max_model_len 4"):
+        make_scheduler(max_model_len=4).add_request(make_request("c", 5))
+
+
+def test_prompt_logprobs_pass_through_and_are_not_repeated_after_preemption() -> None:
+    sched = make_scheduler(budget=4)
+    request = make_request("a", 8, max_tokens=1, prompt_logprobs=0)
+    sched.add_request(request)
+
+    def lp(n: int) -> list[TokenLogprob]:
+        return [TokenLogprob(token_id=i, logprob=-1.0, rank=1) for i in range(n)]
+
+    out = sched.schedule()  # positions 0..3
+    outputs = sched.update_from_output(out, ModelRunnerOutput(prompt_logprobs={"a": lp(4)}))
+    assert [len(o.new_prompt_logprobs) for o in outputs] == [4] and outputs[0].new_token_ids == []
+    sched._preempt(request)  # white box: the simplest way to force a mid-prompt preemption
+    out = sched.schedule()  # recomputes positions 0..3 (prompt logprobs never take prefix hits)
+    assert plan(out) == [("a", 0, 4, [1], False)]  # block 0 went to the free queue's tail
+    assert sched.update_from_output(out, ModelRunnerOutput(prompt_logprobs={"a": lp(4)})) == []
+    out = sched.schedule()  # positions 4..7: logprobs of tokens 5..7, then the sample
+    runner = ModelRunnerOutput(sampled_token_ids={"a": 3}, prompt_logprobs={"a": lp(3)})
+    (output,) = sched.update_from_output(out, runner)
+    assert len(output.new_prompt_logprobs) == 3 and output.finish_reason == "length"
+
+
+def test_sampled_logprobs_pass_through() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 3, max_tokens=1, logprobs=1))
+    out = sched.schedule()
+    lp = TokenLogprob(token_id=7, logprob=-0.5, rank=1, top=[(7, -0.5)])
+    (output,) = sched.update_from_output(
+        out, ModelRunnerOutput(sampled_token_ids={"a": 7}, logprobs={"a": lp})
+    )
+    assert output.new_token_ids == [7] and output.new_logprobs == [lp]
+
+
+def test_reset_prefix_cache_through_the_scheduler() -> None:
+    sched = make_scheduler(budget=16)
+    sched.add_request(make_request("a", 9, max_tokens=2))
+    step(sched)
+    assert sched.reset_prefix_cache() is False
+    run_to_completion(sched)
+    assert sched.kv_cache_manager.block_pool.cached_blocks
+    assert sched.reset_prefix_cache() is True
+    assert not sched.kv_cache_manager.block_pool.cached_blocks
