@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from pagellm.errors import ModelNotFound
-from pagellm.model.loader.resolve import ModelSource
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("PAGELLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagellm"
-    )
-    return Path(root)
-
-
-def _gguf_cache_dir(path: Path) -> Path:
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    return _cache_root() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
+from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
@@ -38,7 +24,7 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None):
         return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     if source.format == "hf":
         return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
-    cache = _gguf_cache_dir(source.path)
+    cache = gguf_cache_dir(source.path, "tokenizer")
     if (cache / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)

@@ -129,4 +129,4 @@ class GGUFCheckpoint:
             if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
                 data = unpermute_qk(data, heads)
-            yield name, torch.from_numpy(np.ascontiguousarray(data))
+            yield name, torch.from_numpy(np.array(data, dtype=np.float32, copy=True))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from functools import cache
 
 import torch
+from safetensors.torch import save_file
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.resolve import ModelSource
+from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
 from pagellm.model.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,17 +49,34 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_config(source: ModelSource):
-    if source.format == "gguf":
-        return GGUFCheckpoint(source.path).config
-    return load_hf_config(source.path)
+def _gguf_weights(source: ModelSource):
+    """(config, weights) of a GGUF file, through a dequantized safetensors cache.
+
+    NOTE: parsing GGUF metadata with the gguf package walks ~100k vocabulary strings (~7 s
+    here) and dequantizing takes ~3 s more; the first load writes config.json and float32
+    safetensors under ~/.cache/pagellm/gguf-dequant, later loads mmap them in well under 1 s.
+    """
+    cache = gguf_cache_dir(source.path, "gguf-dequant")
+    if (cache / "model.safetensors").is_file():
+        return load_hf_config(cache), iter_safetensors(cache)
+    ckpt = GGUFCheckpoint(source.path)
+    weights = dict(ckpt.weights())
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        ckpt.config.save_pretrained(str(tmp))
+        save_file(weights, str(tmp / "model.safetensors"))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only or full disk only costs the conversion next time
+        logger.warning("could not cache dequantized GGUF weights: %s", exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ckpt.config, iter(weights.items())
 
 
 def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     """Instantiate the architecture on CPU in `dtype` and load its weights (no grad)."""
     if source.format == "gguf":
-        ckpt = GGUFCheckpoint(source.path)
-        config, weights = ckpt.config, ckpt.weights()
+        config, weights = _gguf_weights(source)
     else:
         config = load_hf_config(source.path)
         weights = iter_safetensors(source.path)
@@ -71,4 +94,3 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     model.load_weights(weights)
     model.requires_grad_(False)
     return model.eval()
-

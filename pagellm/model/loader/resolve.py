@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -61,3 +62,17 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         f"model {str(model)!r} not found: pass a local HF folder or .gguf file "
         "(pagellm never downloads from a model hub)"
     )
+
+
+def cache_root() -> Path:
+    root = os.environ.get("PAGELLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pagellm"
+    )
+    return Path(root)
+
+
+def gguf_cache_dir(path: Path, kind: str) -> Path:
+    """A cache folder keyed by the GGUF file's path, size and mtime (a changed file misses)."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,0 +1,91 @@
+"""Shared benchmark plumbing: fixed workloads, one subprocess per engine, JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_prompts(num: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Random ordinary-token prompts (ids 100..40000 avoid SmolLM2's special tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(num)]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def run_child(script: str, args: list[str]) -> dict:
+    """Run one engine's measurement in a fresh process (separate RSS, no shared caches)."""
+    cmd = [sys.executable, script, "--child", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"child failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def hf_model(dtype: str):
+    """HF transformers on the same weights: the bundled GGUF, dequantized by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pagellm.model.loader.resolve import bundled_gguf_path
+
+    path = bundled_gguf_path()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype).eval()
+
+
+def resolved_dtype(dtype: str) -> str:
+    from pagellm.model.loader.model_loader import resolve_dtype
+
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dtype", default="auto", help="run dtype for both engines (auto: as pagellm picks)")
+    p.add_argument("--engines", default="pagellm,hf", help="comma list of pagellm,hf")
+    p.add_argument("--out", default=None, help="JSON output path (default: benchmarks/results/<name>.json)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def write_result(name: str, result: dict, out: str | None) -> None:
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    result["cpu"] = _cpu_name()
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
