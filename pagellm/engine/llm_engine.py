@@ -36,6 +36,7 @@ class LLMEngine:
         torch.manual_seed(model_config.seed)
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
         self.model = load_model(self.source, self.dtype)
+        self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations and KV cache
         hf_config = self.model.config
         max_len = model_config.max_model_len or hf_config.max_position_embeddings
         if max_len > hf_config.max_position_embeddings:
@@ -46,10 +47,10 @@ class LLMEngine:
         self.max_model_len = max_len
         scheduler_config = replace(scheduler_config, max_model_len=max_len)
         cache_config = replace(
-            cache_config, num_blocks=size_kv_cache(self.model, cache_config, scheduler_config, self.dtype)
+            cache_config, num_blocks=size_kv_cache(self.model, cache_config, scheduler_config, self.compute_dtype)
         )
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
-        self.core = EngineCore(self.model, scheduler_config, cache_config, self.dtype)
+        self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype)
         self.eos_token_id = self._eos_token_id(hf_config)
         pool_tokens = cache_config.num_blocks * cache_config.block_size
         self.input_processor = InputProcessor(self.tokenizer, max_len, hf_config.vocab_size, pool_tokens)

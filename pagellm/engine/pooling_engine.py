@@ -19,7 +19,7 @@ from pagellm.config import ModelConfig
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.model_loader import resolve_dtype
+from pagellm.model.loader.model_loader import compute_dtype_for, resolve_dtype
 from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
 from pagellm.model.models.registry import get_pooling_model_class
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
@@ -46,7 +46,8 @@ class PoolingEngine:
         if self.source.format != "hf":
             raise InvalidRequest(f"task {task!r} needs an HF folder (config.json + safetensors); "
                                  f"{self.source.path.name} is a GGUF file", param="model")
-        self.dtype = resolve_dtype(model_config.dtype)
+        # NOTE: encoders are compute-bound: float32 on CPUs without native bf16 math
+        self.dtype = compute_dtype_for(resolve_dtype(model_config.dtype))
         hf_config = load_hf_config(self.source.path)
         model_cls = get_pooling_model_class(getattr(hf_config, "architectures", None), task)
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)

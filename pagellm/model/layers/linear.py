@@ -11,6 +11,10 @@ def _onednn_fp32_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# Calls with at most this many rows (batch-1..4 decode) take the bf16 matrix-vector path.
+GEMV_MAX_ROWS = 4
+
+
 class Linear(nn.Linear):
     """nn.Linear that can run float32 CPU matmuls through a pre-packed oneDNN weight.
 
@@ -21,26 +25,37 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
+    gemv_weight: torch.Tensor | None = None
 
-    def pack(self) -> None:
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and _onednn_fp32_available():
-            with torch.no_grad():
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
+    def pack(self, bf16_gemv: bool = False) -> None:
+        """Make the inference copies; bf16_gemv adds a bfloat16 weight for few-row calls."""
+        weight = self.weight.detach()
+        if weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_fp32_available():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+        if bf16_gemv:
+            # NOTE: a matrix-vector product is bound by weight bytes; bf16 halves them. Only
+            # exact when the float32 weight holds bf16 values (a bf16 model run in float32).
+            self.gemv_weight = weight.to(torch.bfloat16)
 
     def unpack(self) -> None:
-        self.packed = None
+        self.packed = self.gemv_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and not torch.is_grad_enabled():
+        if x.dim() != 2 or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        if self.gemv_weight is not None and x.shape[0] <= GEMV_MAX_ROWS:
+            out = F.linear(x.to(torch.bfloat16), self.gemv_weight).to(x.dtype)
+            return out if self.bias is None else out + self.bias
+        if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, bf16_gemv: bool = False) -> int:
     """Pack every Linear of a loaded model; returns how many were packed."""
     count = 0
     for module in model.modules():
         if isinstance(module, Linear):
-            module.pack()
+            module.pack(bf16_gemv)
             count += module.packed is not None
     return count

@@ -34,20 +34,27 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'auto' is bfloat16 on CPUs with native bf16 math (AMX/AVX512-BF16), else float32.
-
-    NOTE: on AVX2-only CPUs torch emulates bf16 matmuls and runs them several times slower
-    than float32, so bfloat16 there would be a slower default, not a faster one.
-    """
+    """The model's weight dtype: 'auto' is bfloat16 (float32 stays available)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if torch.cuda.is_available() or cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16
     if dtype not in _DTYPES:
         raise InvalidRequest(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}", param="dtype")
     return _DTYPES[dtype]
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Activation/KV dtype for a weight dtype on this machine.
+
+    NOTE: on CPUs without native bf16 math (no AMX/AVX512-BF16) torch emulates bf16 matmuls,
+    several times slower than float32. There a bfloat16 model keeps bf16-valued weights but
+    computes in float32: few-row (decode) matmuls read the bf16 copy, which halves the bytes
+    of a bandwidth-bound GEMV, and larger ones run float32 oneDNN kernels on the same values.
+    """
+    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        return torch.float32
+    return dtype
 
 
 def _gguf_weights(source: ModelSource):
@@ -75,15 +82,21 @@ def _gguf_weights(source: ModelSource):
 
 
 def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
-    """Instantiate the architecture on CPU in `dtype` and load its weights (no grad)."""
+    """Instantiate the architecture on CPU with `dtype` weights and load them (no grad).
+
+    The parameters' dtype is ``compute_dtype_for(dtype)``; ``model.weight_dtype`` keeps `dtype`.
+    """
     if source.format == "gguf":
         config, weights = _gguf_weights(source)
     else:
         config = load_hf_config(source.path)
         weights = iter_safetensors(source.path)
     cls = get_model_class(getattr(config, "architectures", None))
+    run_dtype = compute_dtype_for(dtype)
+    if run_dtype != dtype:  # bf16 values held in float32
+        weights = ((name, tensor.to(dtype).to(run_dtype)) for name, tensor in weights)
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(run_dtype)
     try:
         with torch.device("meta"):
             model = cls(config)
@@ -94,6 +107,8 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
     model.requires_grad_(False)
+    model.weight_dtype = dtype
     if os.environ.get("PAGELLM_LINEAR", "auto") != "torch":
-        pack_linears(model)
+        pack_linears(model, bf16_gemv=run_dtype != dtype)
+    logger.info("model weights %s, compute %s", dtype, run_dtype)
     return model.eval()
