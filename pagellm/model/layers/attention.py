@@ -30,6 +30,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_max_len: int = 0  # longest decode context; keys past it are never read
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -49,8 +50,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = num_heads // num_kv_heads
     table = meta.decode_block_table
     # [num_decodes, num_kv_heads, max_len, head_dim]
-    keys = k_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = k_cache[table].view(num_decodes, -1, num_kv_heads, head_dim)
+    values = v_cache[table].view(num_decodes, -1, num_kv_heads, head_dim)
+    if meta.decode_mask is None:  # every request has the same length: cut the padding instead of masking
+        keys, values = keys[:, : meta.decode_max_len], values[:, : meta.decode_max_len]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     # NOTE: the query heads of one KV group become the query-length axis, so GQA needs no
     # repeat of K/V; the padding mask broadcasts over them.
     query = q.view(num_decodes, num_kv_heads, group, head_dim)
