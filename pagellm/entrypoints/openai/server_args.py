@@ -11,12 +11,21 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     g.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     g.add_argument("--api-key", default=os.environ.get("PAGELLM_API_KEY"),
-                   help="require this bearer key on every route but /health (default: $PAGELLM_API_KEY, unset)")
-    g.add_argument("--served-model-name", default=None, help="model name in the API (default: the model's name)")
+                   help="require 'Authorization: Bearer <key>' on every route but /health "
+                        "(default: $PAGELLM_API_KEY, else unset: no key needed)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) the API accepts; the first is reported in responses "
+                        "(default: the model's file or folder name)")
     g.add_argument("--max-waiting-requests", type=int, default=256,
-                   help="answer 503 past this many queued requests (default: %(default)s)")
+                   help="answer 503 with Retry-After once this many requests wait for the engine "
+                        "(default: %(default)s)")
     g.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
-                   help="answer 413 past this body size (default: %(default)s)")
+                   help="answer 413 past this request body size (default: %(default)s)")
     g.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
-                   help="on SIGTERM, time running requests get to finish (default: %(default)s)")
-    g.add_argument("--log-level", default="warning", help="uvicorn log level (default: %(default)s)")
+                   help="on SIGTERM, time running requests get to finish before they are aborted "
+                        "(default: %(default)s)")
+    g.add_argument("--timeout-keep-alive", type=int, default=5,
+                   help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    g.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn log level (default: %(default)s)")
