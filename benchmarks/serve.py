@@ -23,7 +23,14 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import load_average, make_prompts, peak_rss_mib, run_child, write_result  # noqa: E402
+from common import (  # noqa: E402
+    load_average,
+    make_prompts,
+    peak_rss_mib,
+    resolved_dtype,
+    run_child,
+    write_result,
+)
 
 TARGET_RATIO = 0.85
 
@@ -198,6 +205,7 @@ def main() -> None:
         return
     result = {"workload": "W3", "num_requests": args.num_requests, "prompt_len": args.prompt_len,
               "gen_len": args.gen_len, "concurrency": args.concurrency, "dtype": args.dtype,
+              "resolved_dtype": resolved_dtype(args.dtype),
               "model": args.model or "bundled SmolLM2-135M-Instruct", "load_avg_before": load_average(),
               "cores": _num_cores()}
     child_args = ["--dtype", args.dtype, "--num-requests", str(args.num_requests), "--prompt-len",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pagellm.errors import InvalidRequest
@@ -54,6 +55,9 @@ class SamplingParams:
             value = getattr(self, param)
             return InvalidRequest(f"{param} {msg}, got {value!r}", param=param)
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0.0:
@@ -79,8 +83,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+            raise bad("seed", "must be an integer in [-2**63, 2**63)")
         if any(not s for s in self.stop_list):
             raise bad("stop", "must not contain empty strings")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):

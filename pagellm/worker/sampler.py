@@ -312,7 +312,8 @@ def _top_k_top_p_threshold(
     probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
     cumulative = probs.cumsum(dim=-1)
     # Keep a token while the better ones hold less than top_p: the first is always kept.
-    num_kept = (cumulative - probs < top_p[:, None]).sum(dim=-1)
+    # NOTE: at least the best token is kept, even when top_p underflows to 0 in float32
+    num_kept = (cumulative - probs < top_p[:, None]).sum(dim=-1).clamp_(min=1)
     top_p_value = values.gather(1, (num_kept - 1)[:, None])[:, 0]
     threshold = torch.where(has_top_p, torch.maximum(threshold, top_p_value), threshold)
     fits = ~has_top_p | (cumulative[:, -1] >= top_p) | (num_candidates == logits.shape[1])

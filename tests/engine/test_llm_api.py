@@ -175,3 +175,11 @@ def test_greedy_logprob_is_the_max(tiny_llm):
     out = _one(tiny_llm, SamplingParams(temperature=0, max_tokens=3, logprobs=0, ignore_eos=True)).outputs[0]
     for token, lp in zip(out.token_ids, out.logprobs):
         assert list(lp) == [token] and lp[token] <= 0.0 and not math.isnan(lp[token])
+
+
+@pytest.mark.parametrize("kwargs, field", [({"temperature": float("nan")}, "temperature"),
+                                           ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+                                           ({"seed": 2**64}, "seed")])
+def test_non_finite_and_oversized_values_are_rejected(kwargs, field):
+    with pytest.raises(InvalidRequest, match=field):
+        SamplingParams(**kwargs)

@@ -323,3 +323,10 @@ def test_compute_prompt_logprobs():
         assert [tok for tok, _ in entry.top] == expected[t].topk(2).indices.tolist()
     assert [e.top for e in compute_prompt_logprobs(logits, targets, k=0)] == [[]] * 5
     assert compute_prompt_logprobs(torch.zeros(0, 10), [], k=3) == []
+
+
+def test_top_p_that_underflows_keeps_the_best_token():
+    """Regression: a top_p of 1e-300 is 0 in float32 and used to keep no token at all."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
+    row = ScheduledRequest("tiny-p", [1], 0, [0], True, SamplingParams(temperature=1.0, top_p=1e-300), [1], 1)
+    assert Sampler(4).sample(logits, [row]).token_ids == [1]
