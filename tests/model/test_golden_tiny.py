@@ -53,3 +53,25 @@ def test_greedy_32_tokens_match_transformers(fixture, request):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
         assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist()
         assert out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(rope_scaling, tmp_path, bundled_tokenizer):
+    from transformers import LlamaConfig
+
+    from tests.conftest import _save_tiny
+
+    config = LlamaConfig(vocab_size=len(bundled_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, rope_theta=500000.0, rope_scaling=rope_scaling)
+    config.architectures = ["LlamaForCausalLM"]
+    path = _save_tiny(tmp_path / "scaled", config, bundled_tokenizer)
+    ids = list(range(50, 250))  # long enough that the scaled low frequencies matter
+    ours = _pagellm_prefill_logits(path, ids)
+    with torch.inference_mode():
+        ref = _hf(path)(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
