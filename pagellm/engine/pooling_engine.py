@@ -19,7 +19,7 @@ from pagellm.config import ModelConfig
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.model_loader import compute_dtype_for, resolve_dtype
+from pagellm.model.loader.model_loader import compute_dtype_for, instantiate_empty, resolve_dtype
 from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
 from pagellm.model.models.registry import get_pooling_model_class
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
@@ -205,14 +205,7 @@ class PoolingEngine:
 def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSource,
                  dtype: torch.dtype) -> torch.nn.Module:
     """Instantiate on "meta", materialize on CPU in `dtype`, load and check the safetensors weights."""
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = model_cls(hf_config)
-        model = model.to_empty(device="cpu")
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = instantiate_empty(model_cls, hf_config, dtype)
     model.load_weights(iter_safetensors(source.path))
     model.requires_grad_(False)
     return model.eval()

@@ -81,6 +81,18 @@ def _gguf_weights(source: ModelSource):
     return ckpt.config, iter(weights.items())
 
 
+def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype) -> torch.nn.Module:
+    """Build on "meta" (no init cost), then materialize uninitialized CPU storage in `dtype`."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
 def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     """Instantiate the architecture on CPU with `dtype` weights and load them (no grad).
 
@@ -95,14 +107,7 @@ def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     run_dtype = compute_dtype_for(dtype)
     if run_dtype != dtype:  # bf16 values held in float32
         weights = ((name, tensor.to(dtype).to(run_dtype)) for name, tensor in weights)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(run_dtype)
-    try:
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device="cpu")
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = instantiate_empty(cls, config, run_dtype)
     if model.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
