@@ -27,6 +27,7 @@ def hf_reference():
     return tok, model.eval()
 
 
+@pytest.mark.slow
 def test_bundled_greedy_equals_transformers(bundled_fp32_llm, hf_reference):
     tok, hf = hf_reference
     params = SamplingParams(temperature=0, max_tokens=48)
