@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 
@@ -15,7 +15,6 @@ class ModelConfig:
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     max_model_len: int | None = None  # None: the model's context length
     seed: int = 0
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -53,12 +52,3 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-
-
-@dataclass
-class EngineConfig:
-    """Everything an engine is built from."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -37,9 +37,6 @@ class Linear(nn.Linear):
             # exact when the float32 weight holds bf16 values (a bf16 model run in float32).
             self.gemv_weight = weight.to(torch.bfloat16)
 
-    def unpack(self) -> None:
-        self.packed = self.gemv_weight = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
