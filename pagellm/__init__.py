@@ -1,10 +1,11 @@
 """pagellm: a paged-KV-cache LLM engine, CPU first."""
 
 from pagellm.errors import InvalidRequest
+from pagellm.lora_request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "InvalidRequest", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "InvalidRequest", "__version__"]
 
 
 def __getattr__(name: str):
