@@ -35,6 +35,10 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one is always included)
     prompt_logprobs: int | None = None
+    # Internal (not an API field): prompt logprobs only for prompt positions >= this one. Prefix-cache
+    # hits then stop before position start - 1, whose logits score token `start`, so a request that
+    # scores only a suffix (a label after a shared prompt) still reuses the cached prefix.
+    prompt_logprobs_start: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
@@ -83,6 +87,12 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs_start is not None:
+            if self.prompt_logprobs is None:
+                raise bad("prompt_logprobs_start", "needs prompt_logprobs to be set")
+            start = self.prompt_logprobs_start
+            if not isinstance(start, int) or isinstance(start, bool) or start < 1:
+                raise bad("prompt_logprobs_start", "must be an integer >= 1 (position 0 has no logprob)")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [-2**63, 2**63)")
         if any(not s for s in self.stop_list):
@@ -102,6 +112,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def first_prompt_logprob_position(self) -> int:
+        """The first position whose logits are needed for prompt logprobs (position p scores token p + 1)."""
+        return 0 if self.prompt_logprobs_start is None else self.prompt_logprobs_start - 1
 
     def clone_for_child(self, index: int) -> SamplingParams:
         """The params of the index-th of n parallel samples: n=1 and a distinct seed."""

@@ -81,12 +81,17 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached prefix of the request: (block ids, number of hit tokens)."""
-        # NOTE: prompt logprobs need the logits of every prompt position, so they skip the cache.
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        params = request.sampling_params
+        # NOTE: prompt logprobs need the logits of every position from first_prompt_logprob_position
+        # on, so hits stop before it; without prompt_logprobs_start that is position 0: no hits.
+        if not self.enable_caching or (params.prompt_logprobs is not None and params.prompt_logprobs_start is None):
             return [], 0
         block_hashes = self._get_block_hashes(request)
         # NOTE: prefix hits stop at num_tokens - 1 so the last token is computed and yields logits.
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        max_hit_tokens = request.num_tokens - 1
+        if params.prompt_logprobs is not None:
+            max_hit_tokens = min(max_hit_tokens, params.first_prompt_logprob_position)
+        max_hit_blocks = max_hit_tokens // self.block_size
         hit_block_ids: list[int] = []
         for block_hash in block_hashes[:max_hit_blocks]:
             block = self.block_pool.get_cached_block(block_hash)

@@ -63,7 +63,8 @@ class OutputProcessor:
         first = next(iter(child_params.values()))
         self.requests[request_id] = _RequestState(
             request_id, prompt, prompt_token_ids, seqs,
-            prompt_logprobs=[None] if first.prompt_logprobs is not None else None,
+            # None for position 0 and, with prompt_logprobs_start, every position before it
+            prompt_logprobs=[None] * (first.prompt_logprobs_start or 1) if first.prompt_logprobs is not None else None,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
         )
 
