@@ -6,16 +6,20 @@ end into flat batches of at most `max_num_batched_tokens` tokens (no padding).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from pagellm.config import ModelConfig
+from pagellm.engine.async_llm import EngineDeadError
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
@@ -27,6 +31,8 @@ from pagellm.pooling_params import PoolerConfig
 from pagellm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 POOLING_TASKS = ("embed", "classify")
 # vLLM's default pooler for encoders without a sentence-transformers config
@@ -54,12 +60,15 @@ class PoolingEngine:
         self.model = load_encoder(model_cls, hf_config, self.source, self.dtype)
         self.max_model_len = self._max_model_len(hf_config, model_config.max_model_len)
         self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
-        defaults = read_sentence_transformers_pooler(self.source.path) or ENCODER_DEFAULT_POOLER
+        # NOTE: a model class may declare its own pooling default (decoders: "last", as vLLM does)
+        default_type = getattr(model_cls, "default_pooling_type", ENCODER_DEFAULT_POOLER.pooling_type)
+        defaults = read_sentence_transformers_pooler(self.source.path) or PoolerConfig(default_type, True)
         self.pooler_config = (pooler_config or PoolerConfig()).merged_over(defaults)
         num_labels = getattr(hf_config, "num_labels", 0)
         id2label = getattr(hf_config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels)]
         self.multi_label = getattr(hf_config, "problem_type", None) == "multi_label_classification"
+        self.hidden_size: int = hf_config.hidden_size  # the size of an embedding
         self._ids = itertools.count()
         self.load_time = time.perf_counter() - t0
         logger.info("loaded %s for %s (%s, %s pooling, normalize=%s) in %.1fs", self.source.name, task,
@@ -209,3 +218,56 @@ def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSourc
     model.load_weights(iter_safetensors(source.path))
     model.requires_grad_(False)
     return model.eval()
+
+
+class AsyncPoolingEngine:
+    """Runs one PoolingEngine on its own worker thread, one call at a time, for asyncio callers (the server).
+
+    NOTE: the thread that loads the model runs every forward (see AsyncLLM.build for why). One worker
+    serialises the calls, so the engine needs no lock, and the event loop never waits on a forward.
+    """
+
+    def __init__(self, engine: PoolingEngine, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.engine = engine
+        self.task = engine.task
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self._executor = executor
+        self._num_calls = 0  # queued or running (asyncio thread only)
+        self._closed = False
+
+    @classmethod
+    def build(cls, factory: Callable[[], PoolingEngine]) -> AsyncPoolingEngine:
+        """Build the engine with factory() on the worker thread that will run it."""
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagellm-pooling")
+        try:
+            return cls(executor.submit(factory).result(), executor)  # a load error surfaces here
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+
+    @property
+    def is_running(self) -> bool:
+        return not self._closed
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_calls
+
+    def start(self) -> None:
+        """Nothing to start: the worker thread exists since build() (the server's lifespan calls this)."""
+
+    async def shutdown(self) -> None:
+        """Refuse new calls, drop the queued ones, wait for the running one."""
+        self._closed = True
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    async def run(self, fn: Callable[[PoolingEngine], T]) -> T:
+        """fn(engine) on the worker thread; cancelling the await drops the call if it has not started."""
+        if self._closed:
+            raise EngineDeadError("the pooling engine is shut down")
+        self._num_calls += 1
+        try:
+            return await asyncio.wrap_future(self._executor.submit(fn, self.engine))
+        finally:
+            self._num_calls -= 1

@@ -172,8 +172,8 @@ def test_task_mismatches_are_clear_errors(minilm, tiny_llama_dir):
         LLM(task="score")
     with pytest.raises(InvalidRequest, match="GGUF"):
         LLM(str(bundled_gguf_path()), task="embed")
-    with pytest.raises(InvalidRequest, match="decoder.*not supported yet"):
-        LLM(tiny_llama_dir, task="embed")
+    with pytest.raises(InvalidRequest, match="cannot run task 'classify'"):
+        LLM(tiny_llama_dir, task="classify")  # a decoder without a classification head
 
 
 def test_missing_bundled_encoder_is_model_not_found(monkeypatch):

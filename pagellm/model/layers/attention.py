@@ -32,6 +32,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     decode_max_len: int = 0  # longest decode context; keys past it are never read
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Prefix tuning: token rows whose keys/values are replaced by an adapter's learned ones
+    virtual_rows: torch.Tensor | None = None  # [num_rows]
+    virtual_keys: torch.Tensor | None = None  # [num_layers, num_rows, num_kv_heads, head_dim]
+    virtual_values: torch.Tensor | None = None
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -81,13 +85,30 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     return out[0].transpose(0, 1)  # [chunk, num_heads, head_dim]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def packed_causal_metadata(seq_lens: list[int]) -> AttentionMetadata:
+    """Metadata of a KV-cache-free causal forward: sequences laid end to end, each one whole chunk
+    starting at position 0 (each token sees its own sequence's earlier tokens and no other)."""
+    prefills, start = [], 0
+    for seq_len in seq_lens:
+        assert seq_len > 0, f"empty sequence in {seq_lens}"
+        prefills.append(PrefillChunk(start, seq_len, 0, None, None))
+        start += seq_len
+    return AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), prefills=prefills)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
+                    v_cache: torch.Tensor | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
-    Writes k/v into the cache, then attends each token to its request's cached prefix.
+    Writes k/v into the cache, then attends each token to its request's cached prefix. With no
+    cache (k_cache None: pooling) every chunk must start at position 0 (packed_causal_metadata).
     """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if k_cache is not None and v_cache is not None:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        assert not meta.num_decode_tokens and all(c.num_computed_tokens == 0 for c in meta.prefills), (
+            "attention without a KV cache needs whole sequences (no decodes, no cached prefix)"
+        )
     parts = []
     if meta.num_decode_tokens:
         parts.append(_decode_attention(q[: meta.num_decode_tokens], k_cache, v_cache, meta, scale))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagellm.model.layers.attention import AttentionMetadata, paged_attention
+from pagellm.model.layers.attention import AttentionMetadata, packed_causal_metadata, paged_attention
 from pagellm.model.layers.linear import Linear
 from pagellm.model.layers.norm import RMSNorm
 from pagellm.model.layers.rotary import RotaryEmbedding, apply_rotary
@@ -33,18 +33,23 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.layer_idx = 0  # set by the model; picks this layer's prefix-tuning keys/values
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k are adjacent columns: one rotary call covers both
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, H, D]
+        if meta.virtual_rows is not None:  # prefix tuning: learned keys/values, used without RoPE
+            k[meta.virtual_rows] = meta.virtual_keys[self.layer_idx]
+            v[meta.virtual_rows] = meta.virtual_values[self.layer_idx]
+        k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -88,6 +93,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.qkv_bias) for _ in range(config.num_hidden_layers)
         )
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = i
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -101,10 +108,11 @@ class LlamaForCausalLM(nn.Module):
         self.head_dim = attn.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None, meta: AttentionMetadata) -> torch.Tensor:
+        """kv_caches None: a KV-cache-free forward over whole sequences (see packed_causal_metadata)."""
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         cos, sin = self.rotary.lookup(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches or [None] * len(self.layers)):
             x = layer(x, cos, sin, kv_cache, meta)
         return x
 
@@ -131,8 +139,8 @@ class LlamaForCausalLM(nn.Module):
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
+            if name == "lm_head.weight" and (self.tie_word_embeddings or "lm_head.weight" not in params):
+                continue  # tied, or a pooling model, which has no vocabulary head
             parts = name.split(".")
             target, offset, size = name, None, None
             if len(parts) >= 2 and parts[-2] in fused:
@@ -169,3 +177,46 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral uses the Llama layout (sliding window is not applied: contexts stay within it)."""
+
+
+# ---- pooling (LLM(task="embed" | "classify")): no KV cache, whole sequences packed end to end ----
+
+
+class LlamaEmbeddingModel(LlamaForCausalLM):
+    """The decoder run once over packed whole sequences without a KV cache; final-normed hidden states out."""
+
+    default_pooling_type = "last"  # a causal model's last token is the only one that saw the whole text
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        del self.lm_head  # NOTE: pooling never needs vocabulary logits; a checkpoint's lm_head is skipped
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] (positions restart at 0 per sequence) -> [num_tokens, hidden]."""
+        hidden = super().forward(input_ids, positions, None, packed_causal_metadata(seq_lens))
+        return self.norm(hidden)
+
+
+class Qwen2EmbeddingModel(LlamaEmbeddingModel):
+    qkv_bias = True
+
+
+class LlamaForSequenceClassification(LlamaEmbeddingModel):
+    """HF's Llama-family *ForSequenceClassification: a bias-free `score` head on each sequence's last token."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def compute_logits(self, hidden: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """hidden: [num_tokens, hidden] (normed) -> float32 logits [num_seqs, num_labels]."""
+        last = torch.tensor(seq_lens, device=hidden.device).cumsum(0) - 1
+        return self.score(hidden[last]).float()
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
+    qkv_bias = True
+
+
+class MistralForSequenceClassification(LlamaForSequenceClassification):
+    """Mistral uses the Llama layout."""
