@@ -44,6 +44,8 @@ class SchedulerConfig:
     # NOTE: a prefill chunk longer than this is split even when the budget would allow more,
     # so that decodes of running requests are not starved by one long prompt. 0 disables it.
     long_prefill_token_threshold: int = 0
+    # Distinct LoRA adapters one step may mix (LoRAConfig.max_loras); 0: LoRA is off.
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -52,3 +54,17 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """Multi-LoRA serving limits: adapters resident in compute slots at once, and their largest rank."""
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_loras <= 0:
+            raise ValueError(f"max_loras must be > 0, got {self.max_loras}")
+        if self.max_lora_rank <= 0:
+            raise ValueError(f"max_lora_rank must be > 0, got {self.max_lora_rank}")

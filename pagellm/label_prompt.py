@@ -42,3 +42,11 @@ def label_token_ids(tokenizer, label: str, has_chat_template: bool) -> list[int]
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     return ids
+
+
+def encode_label_prompt(tokenizer, text: str, labels: Sequence[str], instruction: str | None = None) -> list[int]:
+    """Token ids of build_label_prompt: a chat-template prompt already holds its special tokens (no second
+    BOS); a plain prompt gets the tokenizer's usual ones."""
+    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+    prompt = build_label_prompt(tokenizer, text, labels, instruction)
+    return tokenizer.encode(prompt, add_special_tokens=not has_chat_template)

@@ -224,6 +224,8 @@ class Scheduler:
         kv = self.kv_cache_manager
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            if not self._has_lora_room(request):
+                break  # NOTE: waits for a running adapter to finish; one step mixes at most max_loras
             hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit_tokens, budget)
             if kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens) is None:
@@ -236,6 +238,12 @@ class Scheduler:
             self.running.append(request)
             num_scheduled[request.req_id] = num_new
             budget -= num_new
+
+    def _has_lora_room(self, request: Request) -> bool:
+        if not request.lora_id or not self.config.max_loras:
+            return True
+        active = {r.lora_id for r in self.running if r.lora_id}
+        return request.lora_id in active or len(active) < self.config.max_loras
 
     # ---- update --------------------------------------------------------------------------
 
@@ -285,10 +293,11 @@ class Scheduler:
         """This step's prompt logprobs, minus positions already sent before a preemption."""
         prompt_logprobs = runner_output.prompt_logprobs.get(sched.req_id, [])
         num_sent = self._num_prompt_logprobs_sent.get(sched.req_id, 0)
-        # The list holds positions sched.num_computed_tokens, sched.num_computed_tokens + 1, ...
-        skip = max(0, num_sent - sched.num_computed_tokens)
+        # The list holds positions first, first + 1, ... (before prompt_logprobs_start none are computed)
+        first = max(sched.num_computed_tokens, sched.sampling_params.first_prompt_logprob_position)
+        skip = max(0, num_sent - first)
         if prompt_logprobs:
-            end = sched.num_computed_tokens + len(prompt_logprobs)
+            end = first + len(prompt_logprobs)
             self._num_prompt_logprobs_sent[sched.req_id] = max(num_sent, end)
         return prompt_logprobs[skip:]
 

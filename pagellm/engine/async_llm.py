@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -62,6 +63,7 @@ class _Add:
     params: SamplingParams
     priority: int
     arrival_time: float
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -221,7 +223,7 @@ class AsyncLLM:
     # ---- requests (asyncio thread) --------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
-                    arrival_time: float | None = None) -> RequestStream:
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> RequestStream:
         """Queue a request for the engine thread now; its outputs arrive on the returned stream.
 
         NOTE: the add is eager (not on first iteration) so that admission control counts it at once.
@@ -233,13 +235,14 @@ class AsyncLLM:
         self._queues[request_id] = outputs
         self._num_adds_sent += 1
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._commands.put(_Add(request_id, prompt, params, priority, arrival))
+        self._commands.put(_Add(request_id, prompt, params, priority, arrival, lora_request))
         return RequestStream(request_id, outputs, self._commands)
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
-                       arrival_time: float | None = None) -> AsyncGenerator[RequestOutput, None]:
+                       arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its RequestOutputs until it finishes; an early exit aborts it."""
-        stream = self.add_request(request_id, prompt, params, priority, arrival_time)
+        stream = self.add_request(request_id, prompt, params, priority, arrival_time, lora_request)
         try:
             async for out in stream:
                 yield out
@@ -339,7 +342,7 @@ class AsyncLLM:
     def _add(self, cmd: _Add) -> None:
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, priority=cmd.priority,
-                                    arrival_time=cmd.arrival_time)
+                                    arrival_time=cmd.arrival_time, lora_request=cmd.lora_request)
         except Exception as exc:  # InvalidRequest reaches the handler as a 400; the engine goes on
             self._post(self._fail_requests, [cmd.request_id], exc)
 

@@ -7,11 +7,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pagellm.config import CacheConfig, ModelConfig, SchedulerConfig
+from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from pagellm.engine.input_processor import PromptType
+from pagellm.engine.label_scorer import LabelScorer, score_with_engine
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.pooling_engine import POOLING_TASKS, PoolingEngine
 from pagellm.errors import InvalidRequest
+from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.pooling_outputs import (
     ClassificationOutput,
@@ -31,8 +33,9 @@ class LLM:
     ``LLM()`` loads the bundled SmolLM2-135M-Instruct GGUF; ``model`` takes an HF folder or a
     .gguf file. Keyword arguments mirror vLLM's engine arguments.
 
-    ``task="embed"`` or ``"classify"`` loads an encoder instead (``LLM(task="embed")``: the bundled
-    all-MiniLM-L6-v2) for `embed` / `classify`; no decoder engine or KV cache is built then, and
+    ``task="embed"`` or ``"classify"`` loads a pooling model instead (an encoder, ``LLM(task="embed")``: the
+    bundled all-MiniLM-L6-v2; or a Llama-family decoder run without KV cache, pooled at the last token) for
+    `embed` / `classify`; no decoder engine or KV cache is built then, and
     ``pooler_config`` overrides the pooling type and normalization the model folder declares.
     """
 
@@ -53,6 +56,9 @@ class LLM:
         seed: int = 0,
         task: str = "generate",
         pooler_config: PoolerConfig | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 16,
     ) -> None:
         self.task = task
         self.llm_engine: LLMEngine | None = None
@@ -73,6 +79,7 @@ class LLM:
                         enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             policy=scheduling_policy),
+            LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
         )
 
     def get_tokenizer(self):
@@ -92,11 +99,15 @@ class LLM:
         *,
         use_tqdm: bool = True,
         priority: list[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for one prompt or a list; prompts are str, token-id lists or prompt dicts."""
+        """Generate for one prompt or a list; prompts are str, token-id lists or prompt dicts.
+
+        ``lora_request`` applies one adapter to every prompt, or gives one (or None) per prompt.
+        """
         self._require_generate()
         prompt_list = _as_prompt_list(prompts)
-        return self._run(prompt_list, sampling_params, use_tqdm, priority)
+        return self._run(prompt_list, sampling_params, use_tqdm, priority, lora_request)
 
     def chat(
         self,
@@ -107,6 +118,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list, then generate."""
         self._require_generate()
@@ -120,10 +132,10 @@ class LLM:
             )
             # NOTE: the template already holds the special tokens; don't add a BOS twice.
             prompts.append({"prompt": text, "prompt_token_ids": processor.tokenize(text, add_special_tokens=False)})
-        return self._run(prompts, sampling_params, use_tqdm, None)
+        return self._run(prompts, sampling_params, use_tqdm, None, lora_request)
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
-             priority: list[int] | None) -> list[RequestOutput]:
+             priority: list[int] | None, lora_request=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -134,12 +146,14 @@ class LLM:
                 raise InvalidRequest("sampling_params must be one object or one per prompt", "sampling_params")
         if priority is not None and len(priority) != len(prompts):
             raise InvalidRequest("priority must have one value per prompt", param="priority")
+        loras = _per_prompt(lora_request, len(prompts), "lora_request")
         engine = self.llm_engine
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 rid = engine.next_request_id()
-                engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+                engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
+                                   lora_request=loras[i])
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # a bad prompt must not leave the good ones queued
@@ -190,17 +204,51 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         *,
+        labels: Sequence[str] | None = None,
+        instruction: str | None = None,
         truncate_prompt_tokens: int | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> list[ClassificationRequestOutput]:
         """Per-label probabilities per prompt: `.outputs.probs[i]` is class id i, named by
-        `.outputs.labels[i]` (config.id2label); `.outputs.label_probs` maps name -> probability."""
+        `.outputs.labels[i]` (config.id2label); `.outputs.label_probs` maps name -> probability.
+
+        With task='generate' it is zero-shot: each text's `labels` are scored by their log-likelihood
+        after one prompt (pagellm.label_prompt, with `instruction` if given) and softmaxed; probs are
+        in `labels` order.
+        """
+        if self.llm_engine is not None:
+            return self._classify_zero_shot(prompts, labels, instruction, truncate_prompt_tokens, use_tqdm,
+                                            lora_request)
+        if labels is not None or instruction is not None:
+            raise InvalidRequest("labels and instruction are for zero-shot classification with LLM(task='generate'); "
+                                 "a classification model has its own labels", param="labels")
+        if lora_request is not None:
+            raise InvalidRequest("LoRA adapters apply to task='generate' only", param="lora_request")
         engine = self._require_pooling("classify", ("classify",))
         texts, ids = self._process_pooling_prompts(engine, prompts, truncate_prompt_tokens)
         probs = engine.classify(ids, use_tqdm=use_tqdm)
         return [ClassificationRequestOutput(engine.next_request_id(), text, prompt_ids,
                                             ClassificationOutput(row, list(engine.labels)))
                 for text, prompt_ids, row in zip(texts, ids, probs)]
+
+    def _classify_zero_shot(self, prompts: str | Sequence[str], labels: Sequence[str] | None,
+                            instruction: str | None, truncate_prompt_tokens: int | None, use_tqdm: bool,
+                            lora_request: LoRARequest | None) -> list[ClassificationRequestOutput]:
+        if labels is None:
+            raise InvalidRequest("classify() on a task='generate' LLM is zero-shot: pass labels=[...] (or load a "
+                                 "*ForSequenceClassification model with task='classify')", param="labels")
+        if truncate_prompt_tokens is not None:
+            raise InvalidRequest("truncate_prompt_tokens is not supported for zero-shot classification",
+                                 param="truncate_prompt_tokens")
+        engine = self.llm_engine
+        scorer = LabelScorer(engine.tokenizer, labels, instruction)
+        plans = scorer.plans([prompts] if isinstance(prompts, str) else list(prompts),
+                             engine.input_processor.check_token_ids)
+        probs = score_with_engine(engine, plans, lora_request, use_tqdm)
+        return [ClassificationRequestOutput(engine.next_request_id(), plan.text, plan.prompt_ids,
+                                            ClassificationOutput(row, list(scorer.labels)))
+                for plan, row in zip(plans, probs)]
 
     def _require_pooling(self, method: str, tasks: tuple[str, ...]) -> PoolingEngine:
         if self.pooling_engine is None or self.task not in tasks:
@@ -216,6 +264,15 @@ class LLM:
             raise InvalidRequest("no prompts given", param="prompt")
         processed = [engine.process_prompt(p, truncate_prompt_tokens) for p in prompt_list]
         return [text for text, _ in processed], [ids for _, ids in processed]
+
+
+def _per_prompt(value, num_prompts: int, name: str) -> list:
+    """One value for all prompts, or a list with one per prompt."""
+    if value is None or not isinstance(value, list | tuple):
+        return [value] * num_prompts
+    if len(value) != num_prompts:
+        raise InvalidRequest(f"{name} must be one object or one per prompt", param=name)
+    return list(value)
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

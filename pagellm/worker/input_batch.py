@@ -31,6 +31,8 @@ class ModelInputs:
     sample_rows: list[ScheduledRequest]  # in logits order, after the prompt-logprob rows
     num_prompt_logprob_rows: int
     prompt_logprob_rows: list[PromptLogprobRows]
+    # (lora_id, first position, num_tokens) per request in token order; lora_id 0: the base model
+    adapter_runs: list[tuple[int, int, int]]
 
 
 def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
@@ -84,14 +86,16 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
     for req in ordered:
         n = len(req.token_ids)
         if _wants_prompt_logprobs(req):
-            # position p predicts token p+1; only known prompt tokens are targets
-            count = min(n, req.num_prompt_tokens - 1 - req.num_computed_tokens)
-            start = req.num_computed_tokens
-            plp_rows.append(PromptLogprobRows(
-                req.req_id, len(logits_rows), req.all_token_ids[start + 1 : start + 1 + count],
-                req.sampling_params.prompt_logprobs,
-            ))
-            logits_rows.extend(range(offset, offset + count))
+            # position p predicts token p+1; only known prompt tokens from prompt_logprobs_start on are targets
+            start = max(req.num_computed_tokens, req.sampling_params.first_prompt_logprob_position)
+            count = min(req.num_computed_tokens + n, req.num_prompt_tokens - 1) - start
+            if count > 0:
+                plp_rows.append(PromptLogprobRows(
+                    req.req_id, len(logits_rows), req.all_token_ids[start + 1 : start + 1 + count],
+                    req.sampling_params.prompt_logprobs,
+                ))
+                row = offset + start - req.num_computed_tokens
+                logits_rows.extend(range(row, row + count))
         last_row[req.req_id] = offset + n - 1
         offset += n
     num_plp = len(logits_rows)
@@ -105,4 +109,5 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
         sample_rows=sample_rows,
         num_prompt_logprob_rows=num_plp,
         prompt_logprob_rows=plp_rows,
+        adapter_runs=[(r.lora_id, r.num_computed_tokens, len(r.token_ids)) for r in ordered],
     )

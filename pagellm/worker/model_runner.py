@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import SchedulerOutput
 from pagellm.outputs import ModelRunnerOutput
 from pagellm.worker.input_batch import build_inputs
+from pagellm.worker.lora_manager import LoRAManager
 from pagellm.worker.sampler import Sampler, compute_prompt_logprobs
 
 
@@ -18,8 +20,10 @@ def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dty
 class ModelRunner:
     """SchedulerOutput in, ModelRunnerOutput out; never touches a Request."""
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 lora_config: LoRAConfig | None = None) -> None:
         self.model = model
+        self.lora = LoRAManager(model, lora_config, dtype) if lora_config is not None else None
         self.block_size = block_size
         self.dtype = dtype
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
@@ -37,6 +41,11 @@ class ModelRunner:
         if so.is_empty:
             return out
         inputs = build_inputs(so, self.block_size)
+        if self.lora is not None:
+            virtual = self.lora.prepare(inputs.adapter_runs)
+            if virtual is not None:
+                meta = inputs.attn_meta
+                meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
         if inputs.logits_indices.numel() == 0:
             return out
