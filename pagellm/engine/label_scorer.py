@@ -17,7 +17,6 @@ endpoint through AsyncLLM (score_with_async_engine).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -36,15 +35,6 @@ if TYPE_CHECKING:
     from pagellm.engine.llm_engine import LLMEngine
 
 T = TypeVar("T")
-
-
-def lora_kwargs(add_request: Callable[..., Any], lora_request: LoRARequest | None) -> dict[str, Any]:
-    """The LoRA keyword for an engine's add_request: passed through where it takes one, else refused."""
-    if "lora_request" in inspect.signature(add_request).parameters:
-        return {"lora_request": lora_request}
-    if lora_request is not None:
-        raise InvalidRequest("LoRA is not enabled", param="lora_request")
-    return {}
 
 
 @dataclass
@@ -121,7 +111,6 @@ def score_with_engine(engine: LLMEngine, plans: list[LabelScoringPlan], lora_req
     At most max_num_seqs texts are in flight, so the prompts waiting for their other labels stay in
     the prefix cache (freed blocks join the tail of the LRU free queue: a just-finished prompt is evicted last).
     """
-    extra = lora_kwargs(engine.add_request, lora_request)
     window = engine.scheduler_config.max_num_seqs
     num_labels = len(plans[0].label_ids)
     scores: list[list[float]] = [[0.0] * num_labels for _ in plans]
@@ -132,7 +121,7 @@ def score_with_engine(engine: LLMEngine, plans: list[LabelScoringPlan], lora_req
     def submit(i: int, labels: range) -> None:
         for j in labels:
             rid = engine.next_request_id()
-            engine.add_request(rid, plans[i].prompt(j), plans[i].params(), **extra)
+            engine.add_request(rid, plans[i].prompt(j), plans[i].params(), lora_request=lora_request)
             in_flight[rid] = (i, j)
 
     bar = tqdm(total=len(plans), desc="Classified prompts", disable=not use_tqdm, dynamic_ncols=True)
@@ -171,12 +160,12 @@ async def _final_output(stream: RequestStream) -> RequestOutput:
 async def score_with_async_engine(engine: AsyncLLM, plans: list[LabelScoringPlan], request_id: str,
                                   lora_request: LoRARequest | None = None) -> list[list[float]]:
     """Label probabilities per plan through AsyncLLM; cancelling the call aborts its engine requests."""
-    extra = lora_kwargs(engine.add_request, lora_request)
     window = asyncio.Semaphore(engine.engine.scheduler_config.max_num_seqs)  # see score_with_engine
     num_labels = len(plans[0].label_ids)
 
     async def score_label(i: int, j: int) -> float:
-        stream = engine.add_request(f"{request_id}-{i}-{j}", plans[i].prompt(j), plans[i].params(), **extra)
+        stream = engine.add_request(f"{request_id}-{i}-{j}", plans[i].prompt(j), plans[i].params(),
+                                    lora_request=lora_request)
         return plans[i].label_logprob(j, await _final_output(stream))
 
     async def score_text(i: int) -> list[float]:

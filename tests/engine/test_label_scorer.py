@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pagellm import LLM, InvalidRequest, LoRARequest, SamplingParams
-from pagellm.engine.label_scorer import lora_kwargs
 from pagellm.label_prompt import encode_label_prompt, label_token_ids
 
 TEXTS = ["I loved this movie, it was wonderful!", "Terrible service.",
@@ -128,17 +127,3 @@ def test_bad_texts_fail_before_any_request(tiny_llm):
             tiny_llm.classify(texts, labels=["a", "b"], use_tqdm=False)
         assert not tiny_llm.llm_engine.has_unfinished_requests()
     assert tiny_llm.classify("still works", labels=["a", "b"], use_tqdm=False)[0].outputs.num_classes == 2
-
-
-def test_lora_kwargs_pass_through_or_refuse():
-    lora = LoRARequest("adapter", 1, "/some/path")
-
-    def with_lora(request_id, prompt, params, lora_request=None): ...
-
-    def without_lora(request_id, prompt, params): ...
-
-    assert lora_kwargs(with_lora, lora) == {"lora_request": lora}
-    assert lora_kwargs(with_lora, None) == {"lora_request": None}
-    assert lora_kwargs(without_lora, None) == {}
-    with pytest.raises(InvalidRequest, match="LoRA is not enabled"):
-        lora_kwargs(without_lora, lora)

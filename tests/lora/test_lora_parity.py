@@ -15,38 +15,18 @@ from pagellm.model.loader.peft_loader import load_lora_adapter
 from pagellm.model.loader.resolve import resolve_model
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.model_runner import ModelRunner
+from tests.lora.peft_utils import ALL_TARGETS, train_lora_adapter
 
 PROMPTS = [[5, 17, 300, 2000, 42], list(range(1000, 1019)), [7, 8]]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def _train_adapter(base_dir: str, out_dir, rank: int, seed: int, targets: list[str]) -> str:
-    """A few optimizer steps of PEFT LoRA on random tokens, so that B (zero at init) is non-zero."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    data = torch.randint(10, 3000, (4, 12))
-    for _ in range(8):
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(str(out_dir))
-    return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loras")
-    all_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     return {
-        "a": _train_adapter(tiny_llama_dir, root / "a", 8, 1, all_targets),
-        "b": _train_adapter(tiny_llama_dir, root / "b", 4, 2, ["q_proj", "v_proj", "down_proj"]),
+        "a": train_lora_adapter(tiny_llama_dir, root / "a", 8, 1, ALL_TARGETS),
+        "b": train_lora_adapter(tiny_llama_dir, root / "b", 4, 2, ["q_proj", "v_proj", "down_proj"]),
     }
 
 

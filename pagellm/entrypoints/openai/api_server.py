@@ -19,21 +19,27 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
 import pagellm
-from pagellm.engine.async_llm import AsyncLLM
-from pagellm.entrypoints.openai.errors import install_error_handlers
+from pagellm.engine.async_llm import AsyncLLM, EngineStats
+from pagellm.engine.pooling_engine import AsyncPoolingEngine
+from pagellm.entrypoints.openai.errors import APIError, install_error_handlers
 from pagellm.entrypoints.openai.metrics import ServerMetrics
 from pagellm.entrypoints.openai.middleware import APIKeyMiddleware, BodyLimitMiddleware, ShutdownCancelMiddleware
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
 )
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagellm.entrypoints.openai.serving_classification import OpenAIServingZeroShotClassification
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_engine import ServerState, TokenStrings
+from pagellm.entrypoints.openai.serving_lora import LoRAModels, add_lora_routes, parse_lora_modules
+from pagellm.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from pagellm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 
 logger = logging.getLogger(__name__)
@@ -68,6 +74,9 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
         listener.cancel()
         if not handler.done():
             handler.cancel()
+            # NOTE: cancel() only asks; wait until the handler has unwound (its engine requests aborted),
+            # else it is neither cancelled nor done below.
+            await asyncio.wait({handler})
     if handler.cancelled():
         raise ClientDisconnected()
     return handler.result()
@@ -83,25 +92,31 @@ def _respond(result: Any) -> Response:
     return _json(result)
 
 
-def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api_key: str | None = None,
-              max_waiting_requests: int = 256, max_request_body_bytes: int = 8 << 20,
-              state: ServerState | None = None) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine thread and stops it on shutdown."""
+def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[str] | None = None,
+              api_key: str | None = None, max_waiting_requests: int = 256, max_request_body_bytes: int = 8 << 20,
+              state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine and stops it on shutdown.
+
+    An AsyncLLM serves generation (and zero-shot /classify), an AsyncPoolingEngine /v1/embeddings or /classify.
+    """
     names = list(served_model_names or [engine.model_name])
     state = state or ServerState()
-    token_strings = TokenStrings(engine.tokenizer)
-    shared = dict(engine=engine, served_model_names=names, max_waiting_requests=max_waiting_requests,
-                  state=state, token_strings=token_strings)
-    completion = OpenAIServingCompletion(**shared)
-    chat = OpenAIServingChat(**shared)
-    tokenization = OpenAIServingTokenization(**shared)
-    metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting)
-    engine.observer = metrics.observe
+    if isinstance(engine, AsyncLLM):
+        metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting)
+        engine.observer = metrics.observe
+    else:
+        metrics = ServerMetrics(names[0], EngineStats, lambda: engine.num_waiting)  # no scheduler: zero gauges
+
+    loras = LoRAModels(engine, names) if isinstance(engine, AsyncLLM) else None
+    if lora_modules and (loras is None or not loras.enabled):
+        raise ValueError("--lora-modules needs a generate model built with LoRA enabled")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         try:
+            for name, path in lora_modules or []:
+                await loras.load(name, path)  # a bad adapter fails startup, before any request
             yield
         finally:
             state.draining = True
@@ -125,11 +140,53 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
     async def version() -> dict[str, str]:
         return {"version": pagellm.__version__}
 
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(content=metrics.render(), media_type=metrics.content_type)
+
+    if isinstance(engine, AsyncLLM):
+        _add_generate_routes(app, engine, names, max_waiting_requests, state, loras)
+    else:
+        _add_pooling_routes(app, engine, names, max_waiting_requests, state)
+
+    # Outermost first: the body limit runs before auth so an oversize body is never buffered.
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
+    app.add_middleware(ShutdownCancelMiddleware, state=state)
+    return app
+
+
+def _model_list(names: list[str], root: str | None, max_model_len: int) -> Response:
+    return _json(ModelList(data=[ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]))
+
+
+def _add_unsupported(app: FastAPI, paths: list[str], task: str, needs: str) -> None:
+    """Routes of another task answer 400 naming the task they need (not a bare 404)."""
+
+    async def unsupported(raw: Request) -> Response:
+        raise APIError(400, f"{raw.url.path} needs a model served with --task {needs}; this server runs task "
+                            f"{task!r}", param="model")
+
+    for path in paths:
+        app.add_api_route(path, unsupported, methods=["POST"])
+
+
+def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_waiting_requests: int,
+                         state: ServerState, loras: LoRAModels) -> None:
+    token_strings = TokenStrings(engine.tokenizer)
+    shared = dict(engine=engine, served_model_names=names, max_waiting_requests=max_waiting_requests,
+                  state=state, token_strings=token_strings, loras=loras)
+    completion = OpenAIServingCompletion(**shared)
+    chat = OpenAIServingChat(**shared)
+    tokenization = OpenAIServingTokenization(**shared)
+    zero_shot = OpenAIServingZeroShotClassification(**shared)
+
     @app.get("/v1/models")
     async def models() -> Response:
         root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
         cards = [ModelCard(id=name, root=root, max_model_len=completion.context_limit) for name in names]
-        return _json(ModelList(data=cards))
+        return _json(ModelList(data=cards + loras.cards(completion.context_limit)))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
@@ -138,6 +195,10 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, chat.create_chat_completion(req)))
+
+    @app.post("/classify")
+    async def classify(req: ClassificationRequest, raw: Request) -> Response:
+        return _json(await run_until_disconnect(raw, zero_shot.create_classification(req)))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> Response:
@@ -151,20 +212,31 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None, api
     async def tokenizer_info() -> dict[str, Any]:
         return tokenization.tokenizer_info()
 
-    @app.get("/metrics")
-    async def get_metrics() -> Response:
-        return Response(content=metrics.render(), media_type=metrics.content_type)
-
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"reset": await engine.reset_prefix_cache()}
 
-    # Outermost first: the body limit runs before auth so an oversize body is never buffered.
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
-    app.add_middleware(ShutdownCancelMiddleware, state=state)
-    return app
+    add_lora_routes(app, loras)
+    _add_unsupported(app, ["/v1/embeddings"], "generate", "embed")
+
+
+def _add_pooling_routes(app: FastAPI, engine: AsyncPoolingEngine, names: list[str], max_waiting_requests: int,
+                        state: ServerState) -> None:
+    pooling = OpenAIServingPooling(engine, names, max_waiting_requests, state)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return _model_list(names, str(engine.engine.source.path), engine.engine.max_model_len)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, raw: Request) -> Response:
+        return _json(await run_until_disconnect(raw, pooling.create_embedding(req)))
+
+    @app.post("/classify")
+    async def classify(req: ClassificationRequest, raw: Request) -> Response:
+        return _json(await run_until_disconnect(raw, pooling.create_classification(req)))
+
+    _add_unsupported(app, ["/v1/completions", "/v1/chat/completions"], engine.task, "generate")
 
 
 def build_async_llm(**engine_kwargs: Any) -> AsyncLLM:
@@ -172,6 +244,13 @@ def build_async_llm(**engine_kwargs: Any) -> AsyncLLM:
     from pagellm.entrypoints.llm import LLM
 
     return AsyncLLM.build(lambda: LLM(**engine_kwargs).llm_engine)
+
+
+def build_async_pooling(task: str, **engine_kwargs: Any) -> AsyncPoolingEngine:
+    """An AsyncPoolingEngine over LLM(task=task, **engine_kwargs)'s pooling engine, loaded on its worker thread."""
+    from pagellm.entrypoints.llm import LLM
+
+    return AsyncPoolingEngine.build(lambda: LLM(task=task, **engine_kwargs).pooling_engine)
 
 
 class GracefulServer(uvicorn.Server):
@@ -195,11 +274,16 @@ def run_server(args: argparse.Namespace) -> int:
     from pagellm.entrypoints.cli import engine_kwargs
 
     logging.getLogger("pagellm").setLevel(logging.INFO)
-    engine = build_async_llm(**engine_kwargs(args))
+    task = getattr(args, "task", "generate")
+    if task == "generate":
+        engine: AsyncLLM | AsyncPoolingEngine = build_async_llm(**engine_kwargs(args))
+    else:
+        engine = build_async_pooling(task, **engine_kwargs(args))
     state = ServerState()
     app = build_app(engine, served_model_names=args.served_model_name, api_key=args.api_key,
                     max_waiting_requests=args.max_waiting_requests,
-                    max_request_body_bytes=args.max_request_body_bytes, state=state)
+                    max_request_body_bytes=args.max_request_body_bytes, state=state,
+                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_grace_seconds,
                             timeout_keep_alive=args.timeout_keep_alive)

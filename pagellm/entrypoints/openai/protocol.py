@@ -226,6 +226,7 @@ class ModelCard(_Response):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagellm"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 
@@ -261,3 +262,76 @@ class DetokenizeRequest(OpenAIBaseModel):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+# ---- /v1/embeddings, /classify (pooling) ---------------------------------------------------
+
+# One text, several texts, one token-id list, or several (OpenAI's embeddings input forms).
+PoolingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class PoolingUsage(_Response):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingRequest(OpenAIBaseModel):
+    model: str | None = None
+    input: PoolingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's own size: no Matryoshka truncation
+    user: str | None = None
+    # vLLM extra: keep this many tokens (-1: the model's limit) instead of rejecting a long input
+    truncate_prompt_tokens: int | None = None
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (encoding_format="base64")
+
+
+class EmbeddingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingData]
+    usage: PoolingUsage
+
+
+class ClassificationRequest(OpenAIBaseModel):
+    """vLLM's /classify request; `labels` (+ `instruction`) is pagellm's zero-shot extension for generate servers."""
+
+    model: str | None = None
+    input: PoolingInput
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    labels: list[str] | None = None
+    instruction: str | None = None
+
+
+class ClassificationData(_Response):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: PoolingUsage
+
+
+class LoadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(OpenAIBaseModel):
+    lora_name: str
+    lora_int_id: int | None = None

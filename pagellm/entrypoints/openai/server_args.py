@@ -8,6 +8,18 @@ import os
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
+    g.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
+                   help="generate: completions, chat and zero-shot /classify (with labels); embed: /v1/embeddings; "
+                        "classify: /classify with a *ForSequenceClassification model (default: %(default)s)")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve PEFT LoRA / prefix-tuning adapters (implied by --lora-modules; default: off)")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="adapters to serve, each picked by a request's model=NAME; also vLLM's JSON form "
+                        "'{\"name\": ..., \"path\": ...}' (default: none)")
+    g.add_argument("--max-loras", type=int, default=4,
+                   help="adapters resident at once (one step mixes at most this many); LRU eviction "
+                        "(default: %(default)s)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest LoRA rank accepted (default: %(default)s)")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     g.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     g.add_argument("--api-key", default=os.environ.get("PAGELLM_API_KEY"),

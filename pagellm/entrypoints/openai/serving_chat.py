@@ -40,7 +40,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """A ChatCompletionResponse, or an iterator of SSE events when req.stream."""
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model)
         for name in _UNSUPPORTED:
             if getattr(req, name) not in (None, "none"):
                 raise APIError(400, f"{name} is not supported yet (no tool calling)", param=name)
@@ -61,7 +61,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_admission(params.n)
 
         request_id = new_request_id("chatcmpl")
-        stream = self.add_request(request_id, prompt, params, req.priority, time.monotonic())
+        stream = self.add_request(request_id, prompt, params, req.priority, time.monotonic(), lora)
         if req.stream:
             return self._stream(req, request_id, prompt, params.n, stream)
         final: RequestOutput | None = None

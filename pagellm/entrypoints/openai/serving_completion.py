@@ -36,7 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         """A CompletionResponse, or an iterator of SSE events when req.stream."""
-        self.check_model(req.model)
+        lora = self.resolve_model(req.model)
         if req.suffix is not None:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -51,7 +51,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = new_request_id("cmpl")
         arrival = time.monotonic()
         streams = [
-            self.add_request(f"{request_id}-{i}", prompt, params, req.priority, arrival)
+            self.add_request(f"{request_id}-{i}", prompt, params, req.priority, arrival, lora)
             for i, prompt in enumerate(prompts)
         ]
         if req.stream:

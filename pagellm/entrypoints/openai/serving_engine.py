@@ -7,12 +7,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pagellm.engine.async_llm import AsyncLLM, RequestStream
 from pagellm.entrypoints.openai.errors import APIError
 from pagellm.entrypoints.openai.protocol import ChatMessage, SamplingFields
+from pagellm.entrypoints.openai.serving_lora import LoRAModels
 from pagellm.errors import InvalidRequest
+from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -58,20 +60,25 @@ class ServerState:
     draining: bool = False
 
 
-class OpenAIServing:
-    """Base of the handlers: owns the engine handle and the server's admission policy."""
+class Admission(Protocol):
+    """What the admission policy reads of an engine (AsyncLLM or AsyncPoolingEngine)."""
 
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_waiting_requests: int,
-                 state: ServerState, token_strings: TokenStrings | None = None) -> None:
+    @property
+    def is_running(self) -> bool: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+
+class ServingBase:
+    """Base of every handler: the served model names and the server's admission policy."""
+
+    def __init__(self, engine: Admission, served_model_names: list[str], max_waiting_requests: int,
+                 state: ServerState) -> None:
         self.engine = engine
-        self.tokenizer = engine.tokenizer
         self.served_model_names = served_model_names
         self.model_name = served_model_names[0]
         self.max_waiting_requests = max_waiting_requests
-        self.token_str = token_strings or TokenStrings(engine.tokenizer)
-        processor = engine.input_processor
-        # The KV pool may hold fewer tokens than max_model_len; the smaller is the real window.
-        self.context_limit = min(processor.max_model_len, processor.max_tokens_in_pool)
         self.state = state
 
     # ---- checks ---------------------------------------------------------------------------
@@ -94,6 +101,23 @@ class OpenAIServing:
         if self.engine.num_waiting + num_requests > self.max_waiting_requests:
             raise APIError(503, f"the server is overloaded: more than {self.max_waiting_requests} requests are "
                                 "waiting; retry later", code="overloaded", headers={"Retry-After": "1"})
+
+
+class OpenAIServing(ServingBase):
+    """Base of the generate handlers: the AsyncLLM, its tokenizer and context window."""
+
+    engine: AsyncLLM
+
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_waiting_requests: int,
+                 state: ServerState, token_strings: TokenStrings | None = None,
+                 loras: LoRAModels | None = None) -> None:
+        super().__init__(engine, served_model_names, max_waiting_requests, state)
+        self.loras = loras
+        self.tokenizer = engine.tokenizer
+        self.token_str = token_strings or TokenStrings(engine.tokenizer)
+        processor = engine.input_processor
+        # The KV pool may hold fewer tokens than max_model_len; the smaller is the real window.
+        self.context_limit = min(processor.max_model_len, processor.max_tokens_in_pool)
 
     def check_fits(self, prompt: EnginePrompt, params: SamplingParams) -> None:
         """The prompt and max_tokens must fit the context window (OpenAI and vLLM reject, not clamp)."""
@@ -166,10 +190,17 @@ class OpenAIServing:
 
     # ---- running --------------------------------------------------------------------------
 
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names, or None for the base model; 400 when unknown."""
+        if self.loras is not None and model in self.loras.by_name:
+            return self.loras.by_name[model]
+        self.check_model(model)
+        return None
+
     def add_request(self, request_id: str, prompt: EnginePrompt, params: SamplingParams,
-                    priority: int, arrival_time: float) -> RequestStream:
+                    priority: int, arrival_time: float, lora_request: LoRARequest | None = None) -> RequestStream:
         return self.engine.add_request(request_id, prompt.as_engine_prompt(), params, priority=priority,
-                                       arrival_time=arrival_time)
+                                       arrival_time=arrival_time, lora_request=lora_request)
 
 
 def new_request_id(prefix: str) -> str:
