@@ -1,4 +1,4 @@
-"""The `pagellm` command: generate, chat, serve."""
+"""The `pagellm` command: generate, chat, serve, finetune, evaluate."""
 
 from __future__ import annotations
 
@@ -44,8 +44,16 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        seed=args.seed,
+        seed=args.seed, **lora_kwargs(args),
     )
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict:
+    """LoRA settings of `serve` (other commands have none)."""
+    if not hasattr(args, "max_loras"):
+        return {}
+    return dict(enable_lora=bool(args.enable_lora or args.lora_modules), max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +99,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+# ---- task adaptation: finetune / evaluate (logic in pagellm.adapt) -----------------------------
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_finetune_parser(sub) -> None:
+    from pagellm.adapt.finetune import FinetuneArgs
+
+    d = FinetuneArgs(data="", out="")
+    p = sub.add_parser("finetune", help="fine-tune a model for classification or generation (transformers Trainer "
+                                        "+ PEFT)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder, .gguf file, or smollm2 / minilm (the bundled decoder "
+                                                 "/ encoder); default: smollm2")
+    p.add_argument("--task", default=d.task, choices=["classify", "generate"])
+    p.add_argument("--data", required=True, help="train file, .jsonl or .csv: text/label (classify); "
+                                                 "prompt/completion or messages (generate)")
+    p.add_argument("--eval-data", default=None, help="dev file: per-evaluation report, early stopping, best model")
+    p.add_argument("--out", required=True, help="output folder (HF model or PEFT adapter, train_report.json)")
+    p.add_argument("--strategy", default=d.strategy, help="head | top-layers:K | full | lora | adalora | prefix")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=d.epochs)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (linear schedule)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warmup ratio of the steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--dropout", type=float, default=d.dropout, help="model dropout fields and lora_dropout")
+    g.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE evaluations without improvement")
+    g.add_argument("--metric", default=d.metric, choices=["accuracy", "macro_f1"], help="dev metric (classify)")
+    g.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: every epoch)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-train-samples", type=int, default=None)
+    g.add_argument("--max-eval-samples", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="max tokens per training row")
+    g.add_argument("--logging-steps", type=int, default=d.logging_steps)
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    g = p.add_argument_group("labels and adapters")
+    g.add_argument("--labels", type=_name_list, default=None, help="class names in order, a,b (default: sorted)")
+    g.add_argument("--instruction", default=None, help="decoder prompt instruction, with {labels}")
+    g.add_argument("--lora-r", type=int, default=d.lora_r)
+    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument("--lora-target-modules", type=_name_list, default=None, help="e.g. q_proj,v_proj "
+                                                                                "(default: PEFT's per architecture)")
+    g.add_argument("--prefix-tokens", type=int, default=d.prefix_tokens, help="virtual tokens of prefix tuning")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from pagellm.adapt.finetune import FinetuneArgs, run_finetune
+
+    if "PAGELLM_LOG" not in os.environ:
+        logging.getLogger("pagellm.adapt").setLevel(logging.INFO)  # the per-epoch dev report
+    result = run_finetune(FinetuneArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneArgs)}))
+    best = f", best dev {result.best_metric:.4f}" if result.best_metric is not None else ""
+    print(f"saved {result.strategy} ({result.num_trainable_params:,} of {result.num_total_params:,} parameters "
+          f"trained, {result.epochs_run:g} epochs{best}, {result.wall_s:.0f}s) to {result.out_dir}")
+    return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="classification report of a model (or fine-tuned adapter) run by pagellm",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder, .gguf file, or smollm2 / minilm; the base of a LoRA "
+                                                 "adapter (default: from the adapter, else smollm2)")
+    p.add_argument("--adapter", default=None, help="a pagellm finetune output folder")
+    p.add_argument("--task", default="classify", choices=["classify"])
+    p.add_argument("--data", required=True, help="labelled .jsonl or .csv (text, label)")
+    p.add_argument("--labels", type=_name_list, default=None,
+                   help="decoder label set a,b (default: the adapter's pagellm_task.json, else the data's)")
+    p.add_argument("--instruction", default=None, help="decoder prompt instruction, with {labels}")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate a seeded random subset")
+    p.add_argument("--seed", type=int, default=0, help="which --max-samples subset")
+    p.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--out-json", default=None, help="write the metrics and predictions here")
+    p.add_argument("--compare-to", default=None, help="an earlier --out-json: print before/after side by side")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pagellm.adapt.evaluate import EvaluateArgs, run_evaluate
+
+    result = run_evaluate(EvaluateArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvaluateArgs)}))
+    print(result.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagellm", description="pagellm: a paged-KV-cache LLM engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_args(p)
     p.set_defaults(func=cmd_serve)
+
+    add_finetune_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
