@@ -42,6 +42,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # Internal, vLLM's RequestOutputKind: True means a request reports only its final output (LLM.generate
+    # waits for it), which saves building a cumulative RequestOutput at every step.
+    final_output_only: bool = False
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

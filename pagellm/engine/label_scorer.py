@@ -55,7 +55,7 @@ class LabelScoringPlan:
 
     def params(self) -> SamplingParams:
         return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
-                              prompt_logprobs_start=len(self.prompt_ids))
+                              prompt_logprobs_start=len(self.prompt_ids), final_output_only=True)
 
     def label_logprob(self, label_index: int, output: RequestOutput) -> float:
         """Sum of the label tokens' logprobs given the prompt (and the label tokens before each)."""

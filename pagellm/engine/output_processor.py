@@ -43,6 +43,7 @@ class _RequestState:
     arrival_time: float
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    final_output_only: bool = False
 
 
 class OutputProcessor:
@@ -66,6 +67,7 @@ class OutputProcessor:
             # None for position 0 and, with prompt_logprobs_start, every position before it
             prompt_logprobs=[None] * (first.prompt_logprobs_start or 1) if first.prompt_logprobs is not None else None,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            final_output_only=first.final_output_only,
         )
 
     def has_request(self, request_id: str) -> bool:
@@ -90,9 +92,12 @@ class OutputProcessor:
             if self._apply(state, seq, out):
                 stopped.append(out.req_id)
             touched[parent_id] = state
-        results = [self._make_output(s) for s in touched.values()]
+        results = []
         for state in touched.values():
-            if all(s.finish_reason is not None for s in state.seqs.values()):
+            finished = all(s.finish_reason is not None for s in state.seqs.values())
+            if finished or not state.final_output_only:
+                results.append(self._make_output(state))
+            if finished:
                 self._forget(state)
         return results, stopped
 

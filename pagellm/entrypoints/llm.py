@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -147,6 +148,9 @@ class LLM:
         if priority is not None and len(priority) != len(prompts):
             raise InvalidRequest("priority must have one value per prompt", param="priority")
         loras = _per_prompt(lora_request, len(prompts), "lora_request")
+        # NOTE: generate returns final outputs only; the engine then skips the per-step cumulative ones
+        final = {id(p): replace(p, final_output_only=True) for p in params_list}
+        params_list = [final[id(p)] for p in params_list]
         engine = self.llm_engine
         ids = []
         try:

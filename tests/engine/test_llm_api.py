@@ -183,3 +183,21 @@ def test_greedy_logprob_is_the_max(tiny_llm):
 def test_non_finite_and_oversized_values_are_rejected(kwargs, field):
     with pytest.raises(InvalidRequest, match=field):
         SamplingParams(**kwargs)
+
+
+def test_final_output_only_reports_once_and_matches_cumulative(tiny_llm):
+    """LLM.generate's requests skip the per-step cumulative outputs; the final one is unchanged."""
+    engine = tiny_llm.llm_engine
+    reports = {}
+    for final_only in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1,
+                                final_output_only=final_only)
+        rid = engine.next_request_id()
+        engine.add_request(rid, [5, 6, 7], params)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs.extend(engine.step())
+        reports[final_only] = outs
+    assert len(reports[False]) == 6 and len(reports[True]) == 1 and reports[True][0].finished
+    last, only = reports[False][-1].outputs[0], reports[True][0].outputs[0]
+    assert (only.token_ids, only.text, only.logprobs) == (last.token_ids, last.text, last.logprobs)
