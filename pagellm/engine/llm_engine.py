@@ -87,8 +87,8 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         lora_id = 0
         if lora_request is not None:
-            if lora_request.lora_int_id not in self.lora_requests:
-                self.add_lora(lora_request)
+            if self.lora_requests.get(lora_request.lora_int_id) != lora_request:
+                self.add_lora(lora_request)  # new, or refused when the id names another adapter
             lora_id = lora_request.lora_int_id
         text, prompt_ids = self.input_processor.process(prompt, params)
         children = (
@@ -121,7 +121,7 @@ class LLMEngine:
             raise InvalidRequest("LoRA is not enabled: build the engine with enable_lora=True "
                                  "(pagellm serve --enable-lora or --lora-modules)", param="lora_request")
         known = self.lora_requests.get(lora_request.lora_int_id)
-        if known is not None and known.lora_path != lora_request.lora_path:
+        if known is not None and known != lora_request:
             raise InvalidRequest(f"lora_int_id {lora_request.lora_int_id} is already used by {known.lora_name!r}",
                                  param="lora_request")
         if read_adapter_config(lora_request.lora_path).get("peft_type") == "PREFIX_TUNING":

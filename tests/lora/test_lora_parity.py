@@ -191,3 +191,9 @@ def test_prefix_tuning_matches_peft(tiny_llama_dir, prefix_adapter, lora_llm):
             assert abs(out.prompt_logprobs[p][prompt[p]] - logprobs[p - 1, prompt[p]].item()) < 1e-3
         for i, (tok, lp) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
             assert abs(lp[tok] - logprobs[len(prompt) - 1 + i, tok].item()) < 1e-3
+
+
+def test_one_lora_int_id_cannot_name_two_adapters(adapters, lora_llm):
+    lora_llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("a", 1, adapters["a"]), use_tqdm=False)
+    with pytest.raises(InvalidRequest, match="already used"):
+        lora_llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("b", 1, adapters["b"]), use_tqdm=False)
