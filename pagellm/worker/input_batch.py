@@ -62,6 +62,7 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
         table = [r.block_ids[:max_blocks] + [0] * (max_blocks - min(len(r.block_ids), max_blocks)) for r in decodes]
         meta.decode_block_table = torch.tensor(table, dtype=torch.long)
         meta.decode_max_len = max(lengths)
+        meta.decode_seq_lens = torch.tensor(lengths, dtype=torch.long)
         if min(lengths) != max(lengths):  # equal lengths: keys are cut to that length, no mask
             span = torch.arange(max_blocks * block_size)
             meta.decode_mask = (span.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).view(len(decodes), 1, 1, -1)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pagellm.model.layers.paged_decode import load_kernel
+
 
 @dataclass
 class PrefillChunk:
@@ -31,6 +33,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None = None  # [num_decodes, max_blocks]
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
     decode_max_len: int = 0  # longest decode context; keys past it are never read
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int64 context length of each decode
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Prefix tuning: token rows whose keys/values are replaced by an adapter's learned ones
     virtual_rows: torch.Tensor | None = None  # [num_rows]
@@ -48,6 +51,16 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    kernel = load_kernel() if meta.decode_seq_lens is not None and q.device.type == "cpu" else None
+    if kernel is not None:
+        # NOTE: reads each sequence's blocks where they lie: no gather into a padded [B, L] copy
+        return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
+                                             scale)
+    return _decode_attention_torch(q, k_cache, v_cache, meta, scale)
+
+
+def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
     num_decodes = meta.num_decode_tokens
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
