@@ -6,6 +6,7 @@ import torch
 
 from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import SchedulerOutput
+from pagellm.model.layers.paged_decode import load_kernel
 from pagellm.outputs import ModelRunnerOutput
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.lora_manager import LoRAManager
@@ -33,6 +34,7 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.layers
         ]
         self.sampler = Sampler(model.config.vocab_size)
+        load_kernel()  # NOTE: build or load the decode kernel now, never inside a request's first step
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:

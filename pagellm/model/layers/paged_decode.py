@@ -35,3 +35,8 @@ def load_kernel():
         logger.warning("paged decode kernel unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
         _failed = True
     return _module
+
+
+if __name__ == "__main__":  # `python -m pagellm.model.layers.paged_decode`: build (or find) the kernel
+    logging.basicConfig(level=logging.INFO)
+    print("paged decode kernel:", "ready" if load_kernel() is not None else "unavailable (torch path)")
