@@ -220,7 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub)
     add_evaluate_parser(sub)
+    add_prune_parser(sub)
     return parser
+
+
+def add_prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="drop whole decoder layers and write a loadable HF folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, help="HF folder or .gguf file (default: the bundled SmolLM2)")
+    p.add_argument("--drop-layers", required=True, help="layer indices to remove, e.g. 20,21 or 18-23")
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the written weights")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pagellm.model.prune import prune_layers
+
+    result = prune_layers(args.model, args.drop_layers, args.out, args.dtype)
+    print(f"wrote {result.out_dir}: kept layers {result.kept_layers} ({result.num_params / 1e6:.1f}M parameters)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
