@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_evaluate_parser(sub)
     add_prune_parser(sub)
+    from pagellm.entrypoints.bench import add_bench_parser
+
+    add_bench_parser(sub, add_engine_args)
     return parser
 
 
