@@ -49,7 +49,7 @@ run_smollm2_lora() {
 }
 run_smollm2_prefix() {
   finetune smollm2_prefix --model smollm2 --strategy prefix --prefix-tokens 20 --lr 1e-2 \
-      --max-train-samples 2000 --max-eval-samples 200 --epochs 1 --eval-steps 125 --early-stopping 2 \
+      --max-train-samples 1000 --max-eval-samples 200 --epochs 1 --eval-steps 60 --early-stopping 2 \
       --batch-size 8 --max-length 128
   evaluate smollm2_prefix --adapter "$OUT/smollm2_prefix"
 }
