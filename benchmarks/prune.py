@@ -21,7 +21,7 @@ PROMPT_LEN, GEN_LEN = 256, 128
 
 def fixed_text() -> str:
     lines = []
-    for name in ("movies/train.jsonl", "movies/dev.jsonl", "movies/test.jsonl", "tweets/all.jsonl"):
+    for name in ("movies/train.jsonl", "movies/dev.jsonl", "movies/test.jsonl", "tweets/test.jsonl"):
         lines += [json.loads(line)["text"] for line in (TEXT_DIR / name).read_text().splitlines() if line.strip()]
     return "\n".join(lines)
 
