@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pagellm.errors import InvalidRequest
-from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.model_loader import _gguf_weights
+from pagellm.model.loader.model_loader import checkpoint_weights
 from pagellm.model.loader.resolve import resolve_model
 from pagellm.tokenizer import load_tokenizer
 
@@ -48,10 +47,7 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 def prune_layers(model: str | None, drop_layers: str, out: str, dtype: str = "bfloat16") -> PruneResult:
     """Write `out`: config.json (fewer layers), model.safetensors (renumbered layers) and the tokenizer."""
     source = resolve_model(model)
-    if source.format == "gguf":
-        config, weights = _gguf_weights(source)
-    else:
-        config, weights = load_hf_config(source.path), iter_safetensors(source.path)
+    config, weights = checkpoint_weights(source)
     num_layers = config.num_hidden_layers
     drop = set(parse_layers(drop_layers, num_layers))
     kept = [i for i in range(num_layers) if i not in drop]

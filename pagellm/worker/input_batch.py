@@ -31,8 +31,7 @@ class ModelInputs:
     sample_rows: list[ScheduledRequest]  # in logits order, after the prompt-logprob rows
     num_prompt_logprob_rows: int
     prompt_logprob_rows: list[PromptLogprobRows]
-    # (lora_id, first position, num_tokens) per request in token order; lora_id 0: the base model
-    adapter_runs: list[tuple[int, int, int]]
+    requests: list[ScheduledRequest]  # in token order (decodes, then chunks)
 
 
 def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
@@ -110,5 +109,5 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
         sample_rows=sample_rows,
         num_prompt_logprob_rows=num_plp,
         prompt_logprob_rows=plp_rows,
-        adapter_runs=[(r.lora_id, r.num_computed_tokens, len(r.token_ids)) for r in ordered],
+        requests=ordered,
     )

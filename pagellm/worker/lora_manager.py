@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pagellm.config import LoRAConfig
+from pagellm.core.sched_output import ScheduledRequest
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.lora import LoRALinear, LoRAMapping
 from pagellm.model.loader.peft_loader import LORA_TARGETS, LoRAAdapter, PrefixAdapter
@@ -110,9 +111,10 @@ class LoRAManager:
         self.slots[lora_id] = slot
         return slot
 
-    def prepare(self, runs: list[tuple[int, int, int]]) -> VirtualKV | None:
-        """Set this step's LoRA mapping from (lora_id, first position, num_tokens) runs in token order
-        (lora_id 0: the base model); returns the prefix-tuning keys/values the step must use."""
+    def prepare(self, requests: list[ScheduledRequest]) -> VirtualKV | None:
+        """Set this step's LoRA mapping from the scheduled requests in token order (lora_id 0: the base
+        model); returns the prefix-tuning keys/values the step must use."""
+        runs = [(r.lora_id, r.num_computed_tokens, len(r.token_ids)) for r in requests]
         in_use = {lora_id for lora_id, _, _ in runs if lora_id in self.adapters}
         if not in_use:
             self.mapping.set_token_slots(None)

@@ -44,7 +44,7 @@ class ModelRunner:
             return out
         inputs = build_inputs(so, self.block_size)
         if self.lora is not None:
-            virtual = self.lora.prepare(inputs.adapter_runs)
+            virtual = self.lora.prepare(inputs.requests)
             if virtual is not None:
                 meta = inputs.attn_meta
                 meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values

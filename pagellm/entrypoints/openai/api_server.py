@@ -157,8 +157,10 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     return app
 
 
-def _model_list(names: list[str], root: str | None, max_model_len: int) -> Response:
-    return _json(ModelList(data=[ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]))
+def _model_list(names: list[str], root: str | None, max_model_len: int,
+                adapters: list[ModelCard] | None = None) -> Response:
+    cards = [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
+    return _json(ModelList(data=cards + (adapters or [])))
 
 
 def _add_unsupported(app: FastAPI, paths: list[str], task: str, needs: str) -> None:
@@ -185,8 +187,7 @@ def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_w
     @app.get("/v1/models")
     async def models() -> Response:
         root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
-        cards = [ModelCard(id=name, root=root, max_model_len=completion.context_limit) for name in names]
-        return _json(ModelList(data=cards + loras.cards(completion.context_limit)))
+        return _model_list(names, root, completion.context_limit, loras.cards(completion.context_limit))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:

@@ -59,8 +59,11 @@ class LoRAModels:
             if name in self.by_name or name in self.base_names:
                 raise InvalidRequest(f"The lora adapter {name!r} has already been loaded.", param="lora_name")
             lora = LoRARequest(name, next(self._ids), path)
-            await self.engine.call(lambda engine: engine.add_lora(lora))  # reads and checks the files
-            self.tasks[name] = await self.engine.call(lambda engine: engine.lora_adapter_task(lora.lora_int_id))
+            def add(engine) -> dict | None:  # reads and checks the files; the task names a classifier's labels
+                engine.add_lora(lora)
+                return engine.lora_adapter_task(lora.lora_int_id)
+
+            self.tasks[name] = await self.engine.call(add)
             self.by_name[name] = lora
             return lora
 

@@ -47,10 +47,6 @@ class LoRALinear(nn.Module):
                              persistent=False)
         self.lora_b = [torch.zeros(width, size, dtype=dtype) for size in slice_sizes]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
     def set_slot(self, slot: int, slice_index: int, weights: LoRAWeights | None) -> None:
         """Write one adapter's matrices for one slice into a slot (zeros when it has none there)."""
         rank, width = self.mapping.max_rank, self.mapping.num_slots * self.mapping.max_rank

@@ -93,16 +93,19 @@ def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype) ->
         torch.set_default_dtype(default_dtype)
 
 
+def checkpoint_weights(source: ModelSource):
+    """(HF config, iterator of HF-named tensors) of an HF folder or a GGUF file."""
+    if source.format == "gguf":
+        return _gguf_weights(source)
+    return load_hf_config(source.path), iter_safetensors(source.path)
+
+
 def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
     """Instantiate the architecture on CPU with `dtype` weights and load them (no grad).
 
     The parameters' dtype is ``compute_dtype_for(dtype)``; ``model.weight_dtype`` keeps `dtype`.
     """
-    if source.format == "gguf":
-        config, weights = _gguf_weights(source)
-    else:
-        config = load_hf_config(source.path)
-        weights = iter_safetensors(source.path)
+    config, weights = checkpoint_weights(source)
     cls = get_model_class(getattr(config, "architectures", None))
     run_dtype = compute_dtype_for(dtype)
     if run_dtype != dtype:  # bf16 values held in float32

@@ -44,7 +44,6 @@ class LoRAAdapter:
     """A loaded PEFT LoRA/AdaLoRA adapter: weights by (layer index, PEFT module name)."""
 
     path: str
-    rank: int
     weights: dict[tuple[int, str], LoRAWeights] = field(default_factory=dict)
     task: dict | None = None  # pagellm_task.json, e.g. the label set of a classification adapter
 
@@ -142,7 +141,7 @@ def load_lora_adapter(path: str, num_layers: int, max_rank: int, dtype: torch.dt
         if module not in LORA_TARGETS or layer >= num_layers:
             raise InvalidRequest(f"adapter {folder.name!r}: {key!r} does not match this model", param="lora_path")
         parts.setdefault((layer, module), {})[kind] = tensor
-    adapter = LoRAAdapter(path=str(folder), rank=0)
+    adapter = LoRAAdapter(path=str(folder))
     for (layer, module), t in parts.items():
         if "A" not in t or "B" not in t:
             raise InvalidRequest(f"adapter {folder.name!r}: layer {layer} {module} lacks lora_A or lora_B",
@@ -155,7 +154,6 @@ def load_lora_adapter(path: str, num_layers: int, max_rank: int, dtype: torch.dt
         if rank == 0:
             continue
         adapter.weights[(layer, module)] = LoRAWeights(a.to(dtype), t["B"].to(dtype), _scaling(cfg, module, rank))
-        adapter.rank = max(adapter.rank, rank)
     if not adapter.weights:
         raise InvalidRequest(f"adapter {folder.name!r} holds no LoRA weights", param="lora_path")
     adapter.task = _read_task(folder)
