@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 from pagellm.engine.async_llm import AsyncLLM
@@ -21,6 +22,17 @@ def tiny_server(tiny_llama_dir: str) -> Iterator[RunningServer]:
     engine = build_async_llm(model=tiny_llama_dir, **TINY_ENGINE_ARGS)
     with run_server(engine) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server: RunningServer) -> openai.OpenAI:
+    """An openai SDK client of the shared tiny server."""
+    return tiny_server.client()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_server: RunningServer) -> str:
+    return tiny_server.engine.model_name
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import uvicorn
 
 from pagellm.engine.async_llm import AsyncLLM
@@ -32,6 +33,10 @@ class RunningServer:
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
+
+    def client(self, api_key: str = "unused", timeout: float = 60) -> openai.OpenAI:
+        """An openai SDK client of this server (no retries, so errors surface at once)."""
+        return openai.OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=timeout)
 
     def metrics(self, headers: dict[str, str] | None = None) -> dict[str, float]:
         """Every sample on /metrics by name, summed over its label sets (so counters add up over reasons)."""

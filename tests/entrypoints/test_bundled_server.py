@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bundled_chat_answers_and_streams_the_same_text(bundled_server: RunningServer, bundled_tokenizer) -> None:
-    client = openai.OpenAI(base_url=bundled_server.v1, api_key="x", max_retries=0, timeout=120)
+    client = bundled_server.client(timeout=120)
     model = bundled_server.engine.model_name
     messages = [{"role": "system", "content": "Answer in one short sentence."},
                 {"role": "user", "content": "What is the capital of France?"}]

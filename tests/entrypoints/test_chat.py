@@ -13,16 +13,6 @@ from tests.entrypoints.server_utils import RunningServer
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def client(tiny_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_server: RunningServer) -> str:
-    return tiny_server.engine.model_name
-
-
 def _template_len(tokenizer, messages: list[dict]) -> int:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tokenizer.encode(text, add_special_tokens=False))

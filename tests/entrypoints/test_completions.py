@@ -12,16 +12,6 @@ from tests.entrypoints.server_utils import RunningServer
 PROMPT = "The quick brown fox jumps over the"
 
 
-@pytest.fixture(scope="module")
-def client(tiny_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_server: RunningServer) -> str:
-    return tiny_server.engine.model_name
-
-
 def test_completion_basic_shape_and_usage(client: openai.OpenAI, model: str, bundled_tokenizer) -> None:
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=7, temperature=0,
                                     extra_body={"ignore_eos": True})

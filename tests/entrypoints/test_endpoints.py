@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import httpx
-import openai
 
 import pagellm
 from tests.entrypoints.server_utils import RunningServer
@@ -23,7 +22,7 @@ VLLM_METRICS = [
 
 
 def test_models_health_version(tiny_server: RunningServer) -> None:
-    client = openai.OpenAI(base_url=tiny_server.v1, api_key="x", max_retries=0)
+    client = tiny_server.client(timeout=600)
     (card,) = client.models.list().data
     assert card.id == tiny_server.engine.model_name and card.object == "model"
     assert card.model_extra["max_model_len"] == tiny_server.engine.max_model_len
@@ -56,7 +55,7 @@ def test_tokenizer_info_serves_lm_eval_remote_tokenizer(tiny_server: RunningServ
 
 def test_metrics_use_vllm_names_and_count_tokens(tiny_server: RunningServer) -> None:
     before = tiny_server.metrics()
-    client = openai.OpenAI(base_url=tiny_server.v1, api_key="x", max_retries=0)
+    client = tiny_server.client(timeout=600)
     out = client.completions.create(model=tiny_server.engine.model_name, prompt="Counting tokens", max_tokens=5,
                                     extra_body={"ignore_eos": True})
     text = httpx.get(f"{tiny_server.base_url}/metrics").text
@@ -70,7 +69,7 @@ def test_metrics_use_vllm_names_and_count_tokens(tiny_server: RunningServer) -> 
 
 
 def test_prefix_cache_hits_and_reset(tiny_server: RunningServer) -> None:
-    client = openai.OpenAI(base_url=tiny_server.v1, api_key="x", max_retries=0)
+    client = tiny_server.client(timeout=600)
     model = tiny_server.engine.model_name
     prompt = "A shared prefix that is long enough to fill several KV blocks of four tokens each. " * 3
     client.completions.create(model=model, prompt=prompt, max_tokens=1)

@@ -15,16 +15,6 @@ from tests.entrypoints.server_utils import RunningServer, run_server
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def client(tiny_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_server: RunningServer) -> str:
-    return tiny_server.engine.model_name
-
-
 def _assert_error_shape(body: dict, param: str | None = None) -> None:
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -172,10 +162,10 @@ def test_api_key_required_on_every_route_but_health(tiny_engine_factory) -> None
                 assert r.status_code == 401, (path, r.text)
                 _assert_error_shape(r.json())
         assert httpx.get(f"{server.base_url}/health").status_code == 200
-        bad = openai.OpenAI(base_url=server.v1, api_key="wrong", max_retries=0)
+        bad = server.client(api_key="wrong", timeout=600)
         with pytest.raises(openai.AuthenticationError):
             bad.completions.create(model=model, prompt=PROMPT, max_tokens=2)
-        good = openai.OpenAI(base_url=server.v1, api_key="s3cret", max_retries=0)
+        good = server.client(api_key="s3cret", timeout=600)
         assert good.completions.create(model=model, prompt=PROMPT, max_tokens=2).choices[0].text is not None
         assert httpx.get(f"{server.base_url}/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
@@ -193,7 +183,7 @@ def test_api_key_flag_defaults_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_oversize_body_is_413(tiny_engine_factory) -> None:
     with run_server(tiny_engine_factory(), max_request_body_bytes=4096) as server:
         model = server.engine.model_name
-        client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+        client = server.client(timeout=600)
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(model=model, prompt="word " * 2000, max_tokens=1)
         assert err.value.status_code == 413
@@ -230,7 +220,7 @@ def test_waiting_queue_over_limit_is_503_with_retry_after(tiny_engine_factory) -
         try:
             with httpx.stream("POST", f"{server.v1}/completions", json=body, timeout=120) as waiting:
                 assert waiting.status_code == 200  # the one waiting request is admitted...
-                client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+                client = server.client(timeout=600)
                 with pytest.raises(openai.InternalServerError) as err:  # ...the next is not
                     client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
                 assert err.value.status_code == 503

@@ -48,7 +48,7 @@ def _complete(client: openai.OpenAI, model: str) -> list[str]:
 
 
 def test_adapter_by_model_name_matches_offline(lora_server, adapter_dirs, offline):
-    client = openai.OpenAI(base_url=lora_server.v1, api_key="x", max_retries=0, timeout=60)
+    client = lora_server.client()
     ids = [m.id for m in client.models.list().data]
     base = lora_server.engine.model_name
     assert ids == [base, "a"]
@@ -64,7 +64,7 @@ def test_adapter_by_model_name_matches_offline(lora_server, adapter_dirs, offlin
 
 def test_load_and_unload_at_run_time(lora_server, adapter_dirs, offline):
     url = lora_server.base_url
-    client = openai.OpenAI(base_url=lora_server.v1, api_key="x", max_retries=0, timeout=60)
+    client = lora_server.client()
     with pytest.raises(openai.BadRequestError):
         _complete(client, "b")
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": adapter_dirs["b"]})
@@ -90,7 +90,7 @@ def test_bad_adapter_loads_are_400_and_the_server_goes_on(lora_server, tmp_path)
     not_peft = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": str(tmp_path)})
     assert not_peft.status_code == 400 and "adapter_config.json" in not_peft.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "z"}).status_code == 400
-    client = openai.OpenAI(base_url=lora_server.v1, api_key="x", max_retries=0, timeout=60)
+    client = lora_server.client()
     assert [m.id for m in client.models.list().data] == [lora_server.engine.model_name, "a"]
     assert _complete(client, "a")
 

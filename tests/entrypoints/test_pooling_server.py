@@ -8,7 +8,6 @@ import threading
 from collections.abc import Iterator
 
 import httpx
-import openai
 import pytest
 import torch
 
@@ -47,7 +46,7 @@ def offline_embed(tiny_llama_dir: str) -> LLM:
 
 
 def test_embeddings_with_the_openai_sdk_base64_and_float(embed_server, offline_embed):
-    client = openai.OpenAI(base_url=embed_server.v1, api_key="x", max_retries=0, timeout=60)
+    client = embed_server.client(timeout=60)
     model = embed_server.engine.model_name
     want = torch.tensor([o.outputs.embedding for o in offline_embed.embed(TEXTS, use_tqdm=False)])
     by_default = client.embeddings.create(model=model, input=TEXTS)  # the SDK asks for base64 and decodes it
@@ -202,7 +201,7 @@ def test_bad_zero_shot_requests_are_400_and_the_engine_keeps_serving(tiny_server
 def test_bundled_minilm_embeddings_over_http():
     offline = LLM(task="embed", dtype="float32")
     with run_server(build_async_pooling("embed", dtype="float32")) as server:
-        client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=120)
+        client = server.client(timeout=120)
         response = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)
     got = torch.tensor([d.embedding for d in response.data])
     want = torch.tensor([o.outputs.embedding for o in offline.embed(TEXTS, use_tqdm=False)])
