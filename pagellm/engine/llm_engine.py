@@ -15,7 +15,7 @@ from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
-from pagellm.model.loader.model_loader import load_model, resolve_dtype
+from pagellm.model.loader.model_loader import load_model, resolve_dtype, resolve_quantization
 from pagellm.model.loader.peft_loader import load_lora_adapter, load_prefix_adapter, read_adapter_config
 from pagellm.model.loader.resolve import ModelSource, resolve_model
 from pagellm.outputs import RequestOutput
@@ -37,7 +37,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(model_config.dtype)
         torch.manual_seed(model_config.seed)
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
-        self.model = load_model(self.source, self.dtype)
+        quantization = resolve_quantization(self.source, model_config.quantization, model_config.dtype)
+        self.model = load_model(self.source, self.dtype, quantization)
         self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations and KV cache
         hf_config = self.model.config
         max_len = model_config.max_model_len or hf_config.max_position_embeddings
@@ -54,7 +55,8 @@ class LLMEngine:
         )
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
         self.lora_config = lora_config
-        self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype, lora_config)
+        self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype, lora_config,
+                               compile=model_config.compile)
         self.lora_requests: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id
         self.eos_token_id = self._eos_token_id(hf_config)
         pool_tokens = cache_config.num_blocks * cache_config.block_size

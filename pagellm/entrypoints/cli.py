@@ -23,6 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights and activations dtype; auto = bfloat16 where the CPU has native bf16, "
                         "else float32 (default: %(default)s)")
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization, kept packed: int8 per channel, int4 in groups of 32; auto = "
+                        "a Q4_0/Q4_1 or Q8_0 GGUF runs from its packed weights unless --dtype is given "
+                        "(default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (dynamic shapes; compiling takes minutes at start, "
+                        "cached on disk by torch after the first time) (default: off)")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="max running sequences (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -44,7 +51,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        seed=args.seed, **lora_kwargs(args),
+        seed=args.seed, quantization=args.quantization, compile=args.compile, **lora_kwargs(args),
     )
 
 

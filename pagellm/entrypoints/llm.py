@@ -60,6 +60,8 @@ class LLM:
         enable_lora: bool = False,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        quantization: str | None = "auto",
+        compile: bool = False,
     ) -> None:
         self.task = task
         self.llm_engine: LLMEngine | None = None
@@ -75,7 +77,8 @@ class LLM:
         if task != "generate":
             raise InvalidRequest(f"task must be one of generate, {', '.join(POOLING_TASKS)}; got {task!r}", "task")
         self.llm_engine = LLMEngine(
-            ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed),
+            ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                        quantization=quantization, compile=compile),
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                         enable_prefix_caching=enable_prefix_caching),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import SchedulerOutput
-from pagellm.model.layers.paged_decode import load_kernel
+from pagellm.errors import InvalidRequest
+from pagellm.model.layers.kernels import compile_ops, load_kernel
 from pagellm.outputs import ModelRunnerOutput
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.lora_manager import LoRAManager
 from pagellm.worker.sampler import Sampler, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -22,7 +28,7 @@ class ModelRunner:
     """SchedulerOutput in, ModelRunnerOutput out; never touches a Request."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 lora_config: LoRAConfig | None = None) -> None:
+                 lora_config: LoRAConfig | None = None, compile: bool = False, max_num_seqs: int = 1) -> None:
         self.model = model
         self.lora = LoRAManager(model, lora_config, dtype) if lora_config is not None else None
         self.block_size = block_size
@@ -34,7 +40,37 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.layers
         ]
         self.sampler = Sampler(model.config.vocab_size)
-        load_kernel()  # NOTE: build or load the decode kernel now, never inside a request's first step
+        load_kernel()  # NOTE: build or load the C++ kernels now, never inside a request's first step
+        self.compiled_decode = self._compile(max_num_seqs) if compile else None
+
+    def _compile(self, max_num_seqs: int):
+        """torch.compile the decode-only step, then trace it now for the batch sizes that need a graph.
+
+        NOTE: shapes are dynamic, so one graph serves a whole range of batch sizes: size 1 (torch
+        specializes it) and 2+ are traced here; a batch past a matmul's kernel switch (e.g. more
+        rows than KERNEL_MAX_ROWS) fails a guard and compiles one more graph when it first comes.
+        Mixed prefill/decode steps run eagerly.
+        """
+        if self.lora is not None:
+            raise InvalidRequest("--compile cannot be combined with LoRA adapters yet", param="compile")
+        if not compile_ops():
+            logger.warning("--compile needs the C++ kernels, which are unavailable: running eagerly")
+            return None
+        compiled = torch.compile(self.model.decode_forward, dynamic=True, fullgraph=True)
+        start = time.perf_counter()
+        for batch in sorted({1, min(2, max_num_seqs)}):
+            # a throwaway step on block 0 (no request owns a block yet); lengths 1..batch
+            ids = torch.zeros(batch, dtype=torch.long)
+            seq_lens = torch.arange(1, batch + 1)
+            table = torch.zeros(batch, -(-batch // self.block_size), dtype=torch.long)
+            slots = seq_lens - 1
+            with torch.inference_mode():
+                compiled(ids, seq_lens - 1, self.kv_caches, slots, table, seq_lens)
+        for k, v in self.kv_caches:
+            k[0].zero_()
+            v[0].zero_()
+        logger.info("compiled the decode step in %.1f s", time.perf_counter() - start)
+        return compiled
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -48,7 +84,13 @@ class ModelRunner:
             if virtual is not None:
                 meta = inputs.attn_meta
                 meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
+        meta = inputs.attn_meta
+        if self.compiled_decode is not None and not meta.prefills and meta.virtual_rows is None \
+                and meta.decode_seq_lens is not None:
+            hidden = self.compiled_decode(inputs.input_ids, inputs.positions, self.kv_caches, meta.slot_mapping,
+                                          meta.decode_block_table, meta.decode_seq_lens)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         if inputs.logits_indices.numel() == 0:
             return out
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [rows, vocab] float32

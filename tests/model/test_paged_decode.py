@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagellm.model.layers.attention import AttentionMetadata, _decode_attention, _decode_attention_torch
-from pagellm.model.layers.paged_decode import load_kernel
+from pagellm.model.layers.kernels import load_kernel
 
 
 def _case(lengths: list[int], num_heads: int, num_kv_heads: int, dtype: torch.dtype, block_size: int = 4):

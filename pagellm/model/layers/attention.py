@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pagellm.model.layers.paged_decode import load_kernel
+from pagellm.model.layers.kernels import attention_kernel
 
 
 @dataclass
@@ -51,7 +51,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    kernel = load_kernel() if meta.decode_seq_lens is not None and q.device.type == "cpu" else None
+    if torch.compiler.is_compiling():  # only the decode step is compiled, and only with the C++ kernels
+        return torch.ops.pagellm.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
+                                                        meta.decode_seq_lens, scale)
+    kernel = attention_kernel() if meta.decode_seq_lens is not None and q.device.type == "cpu" else None
     if kernel is not None:
         # NOTE: reads each sequence's blocks where they lie: no gather into a padded [B, L] copy
         return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
@@ -117,7 +120,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     cache (k_cache None: pooling) every chunk must start at position 0 (packed_causal_metadata).
     """
     if k_cache is not None and v_cache is not None:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if torch.compiler.is_compiling():  # an opaque in-place op: no functionalized copy of the cache
+            torch.ops.pagellm.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     else:
         assert not meta.num_decode_tokens and all(c.num_computed_tokens == 0 for c in meta.prefills), (
             "attention without a KV cache needs whole sequences (no decodes, no cached prefix)"

@@ -43,7 +43,7 @@ class Linear(nn.Linear):
         if self.gemv_weight is not None and x.shape[0] <= GEMV_MAX_ROWS:
             out = F.linear(x.to(torch.bfloat16), self.gemv_weight).to(x.dtype)
             return out if self.bias is None else out + self.bias
-        if self.packed is not None:
+        if self.packed is not None and not torch.compiler.is_compiling():  # inductor can't lower it
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

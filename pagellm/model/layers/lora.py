@@ -41,7 +41,7 @@ class LoRALinear(nn.Module):
         self.slice_sizes = slice_sizes
         self.offsets = [sum(slice_sizes[:i]) for i in range(len(slice_sizes))]
         width = mapping.num_slots * mapping.max_rank
-        dtype = base.weight.dtype
+        dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.out_dtype  # QuantizedLinear
         # rows grouped [slice][slot][rank]; B is pre-scaled and transposed: [slots * rank, out_slice]
         self.register_buffer("lora_a", torch.zeros(len(slice_sizes) * width, base.in_features, dtype=dtype),
                              persistent=False)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers.quant import QuantizedWeight, quantize_int8
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
@@ -117,12 +118,36 @@ class GGUFCheckpoint:
         config.architectures = [SUPPORTED_ARCHS[a]]
         return config
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def linear_quant_types(self) -> set[str]:
+        """The GGUF types of the decoder layers' 2-D weights (e.g. {"Q4_1"})."""
+        return {t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+
+    def packed_weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Like weights(), but Q8_0/Q4_0/Q4_1 matrices come as QuantizedWeight, read from their blocks
+        without a float copy of the model: Q4_0/Q4_1 map exactly to int4 groups of 32; Q8_0 (whose
+        per-block scales torch's int8 kernel cannot take) is requantized per row, one matrix at a time."""
+        cfg = self.config
+        for t in self.reader.tensors:
+            if not _packable(t):
+                continue
+            name = hf_tensor_name(t.name)
+            blocks = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
+            qw = decode_blocks(blocks, t.tensor_type.name)
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+                qw = permute_rows(qw, lambda a, h=heads: unpermute_qk(a, h))
+            yield name, qw
+        packed = {t.name for t in self.reader.tensors if _packable(t)}
+        yield from self.weights(skip=packed)
+
+    def weights(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (hf_name, float32 tensor) for every tensor, dequantized, q/k un-permuted for llama."""
         import gguf
 
         cfg = self.config
         for t in self.reader.tensors:
+            if t.name in skip:
+                continue
             name = hf_tensor_name(t.name)
             data = gguf.quants.dequantize(t.data, t.tensor_type)
             data = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
@@ -130,3 +155,45 @@ class GGUFCheckpoint:
                 heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
                 data = unpermute_qk(data, heads)
             yield name, torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+
+
+PACKED_TYPES = {"Q8_0", "Q4_0", "Q4_1"}
+
+
+def _packable(t) -> bool:
+    """A quantized matrix of a Linear (the token embedding is looked up by row: it loads as float)."""
+    return t.tensor_type.name in PACKED_TYPES and len(t.shape) == 2 and t.name != "token_embd.weight"
+_BLOCK = 32
+
+
+def decode_blocks(blocks: np.ndarray, kind: str) -> QuantizedWeight:
+    """[rows, bytes] of GGUF Q8_0/Q4_0/Q4_1 blocks (32 weights each) -> QuantizedWeight.
+
+    Q4_0 block: fp16 d, 16 bytes of nibbles, w = d * (q - 8). Q4_1: fp16 d, fp16 m, nibbles,
+    w = d * q + m. In a block, byte j holds weight j (low nibble) and weight j + 16 (high).
+    Both are the int4 form q * scale + min, with min = -8d or m.
+    Q8_0: fp16 d, 32 int8, w = d * q; requantized to one int8 scale per row.
+    """
+    rows = blocks.shape[0]
+    if kind == "Q8_0":
+        b = blocks.reshape(rows, -1, 2 + _BLOCK)
+        d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))  # [rows, nblk]
+        q = torch.from_numpy(b[..., 2:].copy().view(np.int8)).float()  # [rows, nblk, 32]
+        # NOTE: the per-block grid is finer than one per-row scale; rounding q * d / s is the only loss
+        return quantize_int8((q * d.unsqueeze(-1)).view(rows, -1))
+    head = 4 if kind == "Q4_1" else 2
+    b = blocks.reshape(rows, -1, head + _BLOCK // 2)
+    halves = b[..., :head].copy().view(np.float16).astype(np.float32)  # [rows, nblk, 1 or 2]
+    d = torch.from_numpy(halves[..., 0])
+    mins = torch.from_numpy(halves[..., 1]) if kind == "Q4_1" else -8 * d
+    nib = torch.from_numpy(b[..., head:].copy())  # [rows, nblk, 16]
+    q = torch.cat([nib & 0xF, nib >> 4], dim=-1).view(rows, -1)
+    return QuantizedWeight("int4", q, d, mins, _BLOCK)
+
+
+def permute_rows(qw: QuantizedWeight, fn) -> QuantizedWeight:
+    """Apply a row permutation (numpy, over the first axis) to every per-row part of a weight."""
+    def apply(t):
+        return None if t is None else torch.from_numpy(np.ascontiguousarray(fn(t.numpy())))
+
+    return QuantizedWeight(qw.scheme, apply(qw.qweight), apply(qw.scales), apply(qw.mins), qw.group_size)

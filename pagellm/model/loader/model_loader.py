@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.linear import pack_linears
+from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
 from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
@@ -81,13 +82,99 @@ def _gguf_weights(source: ModelSource):
     return ckpt.config, iter(weights.items())
 
 
-def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype) -> torch.nn.Module:
-    """Build on "meta" (no init cost), then materialize uninitialized CPU storage in `dtype`."""
+def _save_packed(weights: dict, path) -> None:
+    """Float tensors and QuantizedWeights in one safetensors file (parts keyed `name::part`)."""
+    tensors, meta = {}, {}
+    for name, w in weights.items():
+        if isinstance(w, QuantizedWeight):
+            tensors[f"{name}::qweight"], tensors[f"{name}::scales"] = w.qweight, w.scales.contiguous()
+            if w.mins is not None:
+                tensors[f"{name}::mins"] = w.mins.contiguous()
+            meta[name] = f"{w.scheme}:{w.group_size}"
+        else:
+            tensors[name] = w
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_packed(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = list(f.keys())
+        for name in keys:
+            base, _, part = name.partition("::")
+            if not part:
+                yield name, f.get_tensor(name)
+            elif part == "qweight":
+                scheme, group = meta[base].split(":")
+                mins = f.get_tensor(f"{base}::mins") if f"{base}::mins" in keys else None
+                yield base, QuantizedWeight(scheme, f.get_tensor(name), f.get_tensor(f"{base}::scales"), mins,
+                                            int(group))
+
+
+def gguf_packed_scheme(source: ModelSource) -> str | None:
+    """int4 or int8 when the GGUF file's layer weights are all Q4_0/Q4_1 or all Q8_0; else None."""
+    cache = gguf_cache_dir(source.path, "gguf-packed-v1")
+    if (cache / "scheme").is_file():
+        return (cache / "scheme").read_text().strip() or None
+    types = GGUFCheckpoint(source.path).linear_quant_types() - {"F32"}
+    scheme = "int4" if types and types <= {"Q4_0", "Q4_1"} else "int8" if types == {"Q8_0"} else None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "scheme").write_text(scheme or "")
+    except OSError:
+        pass
+    return scheme
+
+
+def _gguf_packed_weights(source: ModelSource):
+    """(config, weights) with Q8_0/Q4_0/Q4_1 matrices as QuantizedWeight, cached like _gguf_weights."""
+    cache = gguf_cache_dir(source.path, "gguf-packed-v1")
+    if (cache / "model.safetensors").is_file():
+        return load_hf_config(cache), _load_packed(cache / "model.safetensors")
+    ckpt = GGUFCheckpoint(source.path)
+    weights = dict(ckpt.packed_weights())
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        ckpt.config.save_pretrained(str(cache))
+        tmp = cache / f"model.safetensors.tmp{os.getpid()}"
+        _save_packed(weights, tmp)
+        os.replace(tmp, cache / "model.safetensors")
+    except OSError as exc:
+        logger.warning("could not cache packed GGUF weights: %s", exc)
+    return ckpt.config, iter(weights.items())
+
+
+def resolve_quantization(source: ModelSource, quantization: str | None, dtype: str) -> str | None:
+    """The scheme a model runs with. "auto": a Q4_0/Q4_1 (int4) or Q8_0 (int8) GGUF keeps its packed
+    weights unless a dtype was asked for explicitly; anything else runs unquantized."""
+    if quantization in (None, "none"):
+        return None
+    if quantization == "auto":
+        if source.format != "gguf" or dtype != "auto":
+            return None
+        return gguf_packed_scheme(source)
+    if quantization not in SCHEMES:
+        raise InvalidRequest(f"quantization must be one of auto, none, {', '.join(SCHEMES)}; got {quantization!r}",
+                             param="quantization")
+    return quantization
+
+
+def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
+                      quantization: str | None = None) -> torch.nn.Module:
+    """Build on "meta" (no init cost), then materialize uninitialized CPU storage in `dtype`.
+
+    With `quantization`, the Linears of the decoder layers and the LM head become QuantizedLinear
+    before any storage exists, so no float copy of their weights is ever allocated.
+    """
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = cls(config)
+            if quantization is not None:
+                replace_linears(model, quantization, dtype)
         return model.to_empty(device="cpu")
     finally:
         torch.set_default_dtype(default_dtype)
@@ -100,22 +187,29 @@ def checkpoint_weights(source: ModelSource):
     return load_hf_config(source.path), iter_safetensors(source.path)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> torch.nn.Module:
     """Instantiate the architecture on CPU with `dtype` weights and load them (no grad).
 
     The parameters' dtype is ``compute_dtype_for(dtype)``; ``model.weight_dtype`` keeps `dtype`.
+    `quantization` (int8 | int4) keeps the Linear weights packed (model.quantization says which).
     """
-    config, weights = checkpoint_weights(source)
+    if quantization is not None and source.format == "gguf":
+        config, weights = _gguf_packed_weights(source)
+    else:
+        config, weights = checkpoint_weights(source)
     cls = get_model_class(getattr(config, "architectures", None))
     run_dtype = compute_dtype_for(dtype)
     if run_dtype != dtype:  # bf16 values held in float32
-        weights = ((name, tensor.to(dtype).to(run_dtype)) for name, tensor in weights)
-    model = instantiate_empty(cls, config, run_dtype)
-    if model.tie_word_embeddings:
+        weights = ((name, t if isinstance(t, QuantizedWeight) else t.to(dtype).to(run_dtype)) for name, t in weights)
+    if quantization is not None and not hasattr(cls, "load_weights"):
+        raise InvalidRequest(f"--quantization is not supported for {cls.__name__}", param="quantization")
+    model = instantiate_empty(cls, config, run_dtype, quantization)
+    if model.tie_word_embeddings and quantization is None:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
     model.requires_grad_(False)
     model.weight_dtype = dtype
+    model.quantization = quantization
     if os.environ.get("PAGELLM_LINEAR", "auto") != "torch":
         pack_linears(model, bf16_gemv=run_dtype != dtype)
     logger.info("model weights %s, compute %s", dtype, run_dtype)

@@ -11,6 +11,7 @@ from torch import nn
 from pagellm.model.layers.attention import AttentionMetadata, packed_causal_metadata, paged_attention
 from pagellm.model.layers.linear import Linear
 from pagellm.model.layers.norm import RMSNorm
+from pagellm.model.layers.quant import QuantizedLinear, QuantizedWeight, cat_rows, quantize
 from pagellm.model.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -116,6 +117,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, kv_cache, meta)
         return x
 
+    def decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], slot_mapping: torch.Tensor,
+                       block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """A step of single-token decodes only, from tensors alone: what --compile traces."""
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=input_ids.shape[0],
+                                 decode_block_table=block_table, decode_seq_lens=seq_lens)
+        return self.forward(input_ids, positions, kv_caches, meta)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_rows, hidden] -> float32 logits [num_rows, vocab]."""
         return self.lm_head(self.norm(hidden)).float()
@@ -124,6 +133,9 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; fused projections are filled slice by slice. Checks coverage."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        # QuantizedLinear weights (model loaded with quantization): set whole, fused slices stacked
+        qlinears = {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
+        pending: dict[str, list[tuple[int, QuantizedWeight]]] = {}
         attn = self.layers[0].self_attn
         inter = self.layers[0].mlp.intermediate_size
         fused = {
@@ -134,21 +146,35 @@ class LlamaForCausalLM(nn.Module):
             "up_proj": ("gate_up_proj", inter, inter),
         }
         expected = {n for n in params if not (self.tie_word_embeddings and n == "lm_head.weight")}
+        expected |= {n for n in qlinears if not (self.tie_word_embeddings and n == "lm_head.weight")}
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and (self.tie_word_embeddings or "lm_head.weight" not in params):
+            if name == "embed_tokens.weight" and self.tie_word_embeddings and "lm_head.weight" in qlinears:
+                qlinears["lm_head.weight"].set_weight(_as_quantized(tensor, qlinears["lm_head.weight"].scheme))
+            if name == "lm_head.weight" and (self.tie_word_embeddings or "lm_head.weight" not in expected):
                 continue  # tied, or a pooling model, which has no vocabulary head
             parts = name.split(".")
             target, offset, size = name, None, None
             if len(parts) >= 2 and parts[-2] in fused:
                 fused_name, offset, size = fused[parts[-2]]
                 target = ".".join(parts[:-2] + [fused_name, parts[-1]])
+            if target in qlinears:
+                qw = _as_quantized(tensor, qlinears[target].scheme)
+                if offset is None:
+                    qlinears[target].set_weight(qw)
+                    loaded.add(target)
+                else:
+                    pending.setdefault(target, []).append((offset, qw))
+                    loaded.add(f"{target}:{offset}")
+                continue
             if target not in params:
                 raise ValueError(f"unexpected weight {hf_name!r} (mapped to {target!r})")
             param = params[target]
+            if isinstance(tensor, QuantizedWeight):
+                tensor = tensor.dequantize(param.dtype)
             with torch.no_grad():
                 if offset is None:
                     if param.shape != tensor.shape:
@@ -158,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     param[offset : offset + size].copy_(tensor)
                     loaded.add(f"{target}:{offset}")
+        for target, parts in pending.items():
+            qlinears[target].set_weight(cat_rows([qw for _, qw in sorted(parts, key=lambda p: p[0])]))
         slices: dict[str, int] = {}
         for key in loaded:
             if ":" in key:
@@ -167,6 +195,10 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(n for n in expected if n not in loaded and n not in fused_done)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:8]}{'...' if len(missing) > 8 else ''}")
+
+
+def _as_quantized(tensor: torch.Tensor | QuantizedWeight, scheme: str) -> QuantizedWeight:
+    return tensor.to_scheme(scheme) if isinstance(tensor, QuantizedWeight) else quantize(tensor, scheme)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,13 @@
+// One extension module for every C++ kernel of pagellm (built by model/layers/kernels.py).
+#include <torch/extension.h>
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_table, torch::Tensor seq_lens, double scale);
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("int8_gemv", &int8_gemv, "few-row matmul with a per-channel int8 weight (CPU)");
+  m.def("int4_gemv", &int4_gemv, "few-row matmul with a group-wise int4 weight (CPU)");
+}

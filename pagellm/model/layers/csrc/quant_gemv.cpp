@@ -1,0 +1,204 @@
+// Few-row matmuls (decode) against packed weight-only int8 and int4 weights, float32 activations.
+//
+// A decode step multiplies 1-4 activation rows by every weight once, so it is bound by weight bytes:
+// reading int8 or 4-bit codes instead of floats is the whole gain. Each output channel's codes are read
+// once for all rows. The inner loops are plain C++ written for gcc's auto-vectorizer (-O3 -march=native
+// -ffast-math): int8/uint8 -> float conversion plus FMA over 32-wide blocks.
+//
+// int8: w[n, k] = scale[n] * q[n, k]
+// int4: per group g of 32 inputs, w[n, k] = scale[n, g] * c + min[n, g], with c in 0..15; byte j of a
+//       group's 16 bytes holds c for input j (low nibble) and input j + 16 (high nibble), as in GGUF.
+//       So out[m, n] = sum_g scale[n, g] * dot(x[m, g], c[n, g]) + min[n, g] * sum(x[m, g]).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PAGELLM_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kMaxRows = 8;
+
+template <int M>
+void int8_rows(const float* x, const int8_t* q, const float* scales, float* out, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = q + n * K;
+      float acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
+        float w[kGroup];
+        for (int64_t j = 0; j < kGroup; ++j) w[j] = static_cast<float>(row[k0 + j]);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + k0;
+          float s = 0.f;
+          for (int64_t j = 0; j < kGroup; ++j) s += xm[j] * w[j];
+          acc[m] += s;
+        }
+      }
+      for (int m = 0; m < M; ++m) out[m * N + n] = acc[m] * scales[n];
+    }
+  });
+}
+
+template <int M>
+void int4_rows(const float* x, const float* xsum, const uint8_t* q, const float* scales, const float* mins,
+               float* out, int64_t N, int64_t K) {
+  const int64_t groups = K / kGroup;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = q + n * (K / 2);
+      const float* sc = scales + n * groups;
+      const float* mn = mins + n * groups;
+      float acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* b = row + g * (kGroup / 2);
+        float w[kGroup];
+        for (int64_t j = 0; j < kGroup / 2; ++j) {
+          w[j] = static_cast<float>(b[j] & 0x0F);
+          w[j + kGroup / 2] = static_cast<float>(b[j] >> 4);
+        }
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + g * kGroup;
+          float s = 0.f;
+          for (int64_t j = 0; j < kGroup; ++j) s += xm[j] * w[j];
+          acc[m] += sc[g] * s + mn[g] * xsum[m * groups + g];
+        }
+      }
+      for (int m = 0; m < M; ++m) out[m * N + n] = acc[m];
+    }
+  });
+}
+
+#ifdef PAGELLM_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 sum4(const __m256* v) { return _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])); }
+
+template <int M>
+void int8_rows_avx2(const float* x, const int8_t* q, const float* scales, float* out, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = q + n * K;
+      __m256 acc[M][4];  // NOTE: four independent FMA chains per row: one chain is bound by FMA latency
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+      for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
+        __m128i c01 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0));
+        __m128i c23 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16));
+        __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c01)),
+                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c01, 8))),
+                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c23)),
+                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c23, 8)))};
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + k0;
+          for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
+        }
+      }
+      for (int m = 0; m < M; ++m) out[m * N + n] = hsum(sum4(acc[m])) * scales[n];
+    }
+  });
+}
+
+template <int M>
+void int4_rows_avx2(const float* x, const float* /*xsum*/, const uint8_t* q, const float* scales, const float* mins,
+                    float* out, int64_t N, int64_t K) {
+  const int64_t groups = K / kGroup;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = q + n * (K / 2);
+      __m256 acc[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
+        __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        const __m256 sc = _mm256_set1_ps(scales[n * groups + g]), mn = _mm256_set1_ps(mins[n * groups + g]);
+        __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                       _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
+        for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], sc, mn);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + g * kGroup;
+          for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
+        }
+      }
+      for (int m = 0; m < M; ++m) out[m * N + n] = hsum(sum4(acc[m]));
+    }
+  });
+}
+#define INT8_ROWS int8_rows_avx2
+#define INT4_ROWS int4_rows_avx2
+#else
+#define INT8_ROWS int8_rows
+#define INT4_ROWS int4_rows
+#endif
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be [M, K] float32");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(x.size(0) >= 1, "x has no rows");
+  TORCH_CHECK(K % kGroup == 0, "K must be a multiple of ", kGroup);
+}
+
+#define DISPATCH_ROWS(M_RUNTIME, FN, ...)             \
+  switch (M_RUNTIME) {                                \
+    case 1: FN<1>(__VA_ARGS__); break;                \
+    case 2: FN<2>(__VA_ARGS__); break;                \
+    case 3: FN<3>(__VA_ARGS__); break;                \
+    case 4: FN<4>(__VA_ARGS__); break;                \
+    case 5: FN<5>(__VA_ARGS__); break;                \
+    case 6: FN<6>(__VA_ARGS__); break;                \
+    case 7: FN<7>(__VA_ARGS__); break;                \
+    default: FN<8>(__VA_ARGS__); break;               \
+  }
+
+}  // namespace
+
+// x [M, K] float32, q [N, K] int8, scales [N] float32 -> [M, N] float32
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  const int64_t N = q.size(0), K = q.size(1);
+  check_x(x, K);
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous(), "q must be contiguous int8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N, "scales must be [N] float32");
+  auto out = torch::empty({x.size(0), N}, x.options());
+  for (int64_t r = 0; r < x.size(0); r += kMaxRows) {  // chunks of up to 8 rows share each weight read
+    const int64_t rows = std::min(kMaxRows, x.size(0) - r);
+    DISPATCH_ROWS(rows, INT8_ROWS, x.data_ptr<float>() + r * K, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                  out.data_ptr<float>() + r * N, N, K);
+  }
+  return out;
+}
+
+// x [M, K] float32, q [N, K / 2] uint8 (layout above), scales and mins [N, K / 32] float32 -> [M, N]
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  check_x(x, K);
+  TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == N * K / kGroup,
+              "scales must be [N, K / 32] float32");
+  TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous() && mins.numel() == N * K / kGroup,
+              "mins must be [N, K / 32] float32");
+  auto xsum = x.view({x.size(0), K / kGroup, kGroup}).sum(-1).contiguous();  // [M, groups]
+  auto out = torch::empty({x.size(0), N}, x.options());
+  for (int64_t r = 0; r < x.size(0); r += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, x.size(0) - r);
+    DISPATCH_ROWS(rows, INT4_ROWS, x.data_ptr<float>() + r * K, xsum.data_ptr<float>() + r * (K / kGroup),
+                  q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(),
+                  out.data_ptr<float>() + r * N, N, K);
+  }
+  return out;
+}

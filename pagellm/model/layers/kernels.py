@@ -1,0 +1,104 @@
+"""pagellm's compiled CPU kernels (csrc/): paged decode attention and few-row int8/int4 matmuls.
+
+Built once with torch's C++ extension loader (cached under ~/.cache/torch_extensions); when no
+compiler is available, or PAGELLM_KERNELS=torch, every caller keeps its pure-torch path
+(PAGELLM_ATTENTION=torch turns off only the attention kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "paged_decode.cpp", "quant_gemv.cpp")]
+_module = None
+_failed = False
+
+
+def load_kernel():
+    """The compiled module, or None (disabled, or the build failed: logged once)."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    if os.environ.get("PAGELLM_KERNELS", "auto") == "torch":
+        _failed = True
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _module = load("pagellm_kernels", sources=[str(s) for s in _SOURCES],
+                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a build error: the torch path still works
+        logger.warning("C++ kernels unavailable (%s: %s); using the torch paths", type(exc).__name__, exc)
+        _failed = True
+    return _module
+
+
+def attention_kernel():
+    """The module when the decode-attention kernel is on (PAGELLM_ATTENTION=torch turns it off)."""
+    return None if os.environ.get("PAGELLM_ATTENTION", "auto") == "torch" else load_kernel()
+
+
+if __name__ == "__main__":  # `python -m pagellm.model.layers.kernels`: build (or find) the kernels
+    logging.basicConfig(level=logging.INFO)
+    print("C++ kernels:", "ready" if load_kernel() is not None else "unavailable (torch paths)")
+
+
+# ---- the same kernels as torch custom ops, for torch.compile (--compile) ----------------------------
+# NOTE: eager code calls the pybind functions directly (a custom op's Python dispatch costs ~20 us a
+# call); only traced code goes through these, so the compiled graph holds them as opaque calls.
+_ops_registered = False
+
+
+def compile_ops() -> bool:
+    """Register torch.ops.pagellm.* over the C++ kernels; False when the kernels are unavailable."""
+    global _ops_registered
+    if _ops_registered:
+        return True
+    module = load_kernel()
+    if module is None:
+        return False
+    @torch.library.custom_op("pagellm::int8_gemv", mutates_args=())
+    def int8_gemv(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+        return module.int8_gemv(x, q, scales)
+
+    @torch.library.custom_op("pagellm::int4_gemv", mutates_args=())
+    def int4_gemv(x: Tensor, q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+        return module.int4_gemv(x, q, scales, mins)
+
+    @torch.library.custom_op("pagellm::paged_decode_attention", mutates_args=())
+    def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                               seq_lens: Tensor, scale: float) -> Tensor:
+        return module.paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+    @torch.library.custom_op("pagellm::write_kv", mutates_args=("k_cache", "v_cache"))
+    def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+    @int8_gemv.register_fake
+    def _(x, q, scales):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @int4_gemv.register_fake
+    def _(x, q, scales, mins):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @paged_decode_attention.register_fake
+    def _(q, k_cache, v_cache, block_table, seq_lens, scale):
+        return torch.empty_like(q)
+
+    @write_kv.register_fake
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    _ops_registered = True
+    return True

@@ -1,0 +1,209 @@
+"""Weight-only quantized linear layers that keep their weights packed: int8 per channel, int4 per group.
+
+Kernels, chosen by measurement (benchmarks/linear_kernels.py, 2 AVX2 cores, SmolLM2 shapes): calls
+with up to ~100-250 rows (decode, small prefill chunks) run pagellm's C++ kernels
+(csrc/quant_gemv.cpp) on the packed codes with float32 activations. torch's `_weight_int8pack_mm`
+and `_weight_int4pack_mm_for_cpu` were measured too: they need bf16 activations (float32 is 10x
+slower), and they were slower per call (1.8x for the LM head). Calls with more rows (prefill)
+dequantize the layer for that call and run a float32 matmul; the copy is dropped afterwards, so
+memory stays packed. Without a C++ compiler, int8 falls back to torch's kernel and int4 to
+dequantizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagellm.model.layers.kernels import load_kernel
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 blocks are 32 wide: their weights load as they are
+# Calls with at most this many rows take the packed kernel (which walks the weight once per 8 rows);
+# above, dequantize + float32 matmul. Measured crossovers: int8 ~128 rows, int4 ~300 (its torch
+# dequantization costs ~15 ms a layer).
+KERNEL_MAX_ROWS = {"int8": 96, "int4": 256}
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [out, in] weight, codes unpacked (one per element).
+
+    int8: qweight int8 [out, in], scales [out]; w = qweight * scale.
+    int4: qweight uint8 [out, in] holding 0..15, scales and mins [out, in // group_size];
+          w = qweight * scale + min (GGUF Q4_1's form; Q4_0 is min = -8 * scale).
+    """
+
+    scheme: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qweight.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scheme == "int8":
+            return (self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(1)).contiguous()
+        out_features, in_features = self.qweight.shape
+        groups = self.qweight.view(out_features, -1, self.group_size).to(dtype)
+        w = groups * self.scales.to(dtype).unsqueeze(-1) + self.mins.to(dtype).unsqueeze(-1)
+        return w.view(out_features, in_features)
+
+    def to_scheme(self, scheme: str) -> QuantizedWeight:
+        """The same weight in another scheme (through float when the schemes differ)."""
+        return self if scheme == self.scheme else quantize(self.dequantize(), scheme)
+
+
+def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack quantized weights along the output axis (fused q/k/v or gate/up projections)."""
+    first = parts[0]
+    if any(p.scheme != first.scheme or p.group_size != first.group_size for p in parts):
+        parts = [p if p.scheme == first.scheme and p.group_size == first.group_size
+                 else quantize(p.dequantize(), first.scheme) for p in parts]
+    mins = None if first.mins is None else torch.cat([p.mins for p in parts])
+    return QuantizedWeight(first.scheme, torch.cat([p.qweight for p in parts]),
+                           torch.cat([p.scales for p in parts]), mins, first.group_size)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric per-output-channel int8."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", q, scales)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
+    """Asymmetric int4 over groups of `group_size` input columns (min/max per group)."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4 needs in_features ({in_features}) divisible by the group size {group_size}")
+    g = weight.float().view(out_features, -1, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((g - lo.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight("int4", q.view(out_features, in_features), scales, lo, group_size)
+
+
+def quantize(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
+    if scheme == "int8":
+        return quantize_int8(weight)
+    if scheme == "int4":
+        return quantize_int4(weight)
+    raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes 0..15 -> [out, in / 2] bytes: per 32-wide group, byte j = code j | code (j + 16) << 4."""
+    out_features, in_features = codes.shape
+    c = codes.to(torch.uint8).view(out_features, -1, 2, INT4_GROUP_SIZE // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).view(out_features, in_features // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4."""
+    out_features = packed.shape[0]
+    b = packed.view(out_features, -1, INT4_GROUP_SIZE // 2)
+    return torch.cat([b & 0x0F, b >> 4], dim=-1).view(out_features, -1)
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight stays packed (int8 or int4); activations and bias in `out_dtype`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
+                 out_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.out_dtype = out_dtype
+        self.group_size = INT4_GROUP_SIZE if scheme == "int4" else 0
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=out_dtype), requires_grad=False) if bias else None
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8))  # int8 [out, in] | int4 [out, in / 2]
+        self.register_buffer("scales", torch.empty(0))  # float32: int8 [out]; int4 [out, groups]
+        self.register_buffer("mins", torch.empty(0))  # int4: float32 [out, groups]
+        self._bf16_scales: torch.Tensor | None = None  # int8 without the C++ kernel: torch's kernel wants bf16
+
+    def set_weight(self, qw: QuantizedWeight) -> None:
+        if tuple(qw.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight {tuple(qw.shape)} != ({self.out_features}, {self.in_features})")
+        if self.scheme == "int4" and qw.scheme == "int4" and qw.group_size != INT4_GROUP_SIZE:
+            qw = quantize(qw.dequantize(), "int4")
+        qw = qw.to_scheme(self.scheme)
+        if self.scheme == "int8":
+            self.qweight = qw.qweight.contiguous()
+        else:
+            self.qweight = pack_int4(qw.qweight)
+            self.mins = qw.mins.float().contiguous()
+        self.scales = qw.scales.float().contiguous()
+        self._bf16_scales = None
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [out, in] (for calls with many rows, and for tests)."""
+        dtype = dtype or self.out_dtype
+        if self.scheme == "int8":
+            return self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
+        groups = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size).to(dtype)
+        w = groups * self.scales.to(dtype).unsqueeze(-1) + self.mins.to(dtype).unsqueeze(-1)
+        return w.view(self.out_features, self.in_features)
+
+    def _few_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling():  # the same kernels as custom ops (kernels.compile_ops)
+            x = x.contiguous()
+            if self.scheme == "int8":
+                return torch.ops.pagellm.int8_gemv(x, self.qweight, self.scales)
+            return torch.ops.pagellm.int4_gemv(x, self.qweight, self.scales, self.mins)
+        kernel = load_kernel()
+        if kernel is not None and x.dtype == torch.float32:
+            x = x.contiguous()
+            if self.scheme == "int8":
+                return kernel.int8_gemv(x, self.qweight, self.scales)
+            return kernel.int4_gemv(x, self.qweight, self.scales, self.mins)
+        if self.scheme == "int8":
+            if self._bf16_scales is None:
+                self._bf16_scales = self.scales.to(torch.bfloat16)
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._bf16_scales).to(x.dtype)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        few = x2.shape[0] <= KERNEL_MAX_ROWS[self.scheme] and not torch.is_grad_enabled()
+        out = self._few_rows(x2) if few else None
+        if out is None:
+            out = F.linear(x2, self.dequantize(x.dtype), self.bias)
+        elif self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+LM_HEAD_SCHEME = "int8"  # the vocabulary projection stays at 8 bits whatever the layers use (like llama.cpp)
+
+
+def replace_linears(model: nn.Module, scheme: str, out_dtype: torch.dtype) -> None:
+    """Swap the decoder layers' Linears and the LM head for empty QuantizedLinears (call on "meta").
+
+    A tied LM head gets its own int8 copy of the embedding at load; the embedding stays float.
+    """
+    from pagellm.model.layers.linear import Linear
+
+    if not hasattr(model, "layers") or not isinstance(getattr(model, "lm_head", None), Linear):
+        raise ValueError(f"quantization is supported for decoder language models, not {type(model).__name__}")
+    targets = [(m, n, c, scheme) for layer in model.layers for m in layer.modules()
+               for n, c in m.named_children() if isinstance(c, Linear)]
+    targets.append((model, "lm_head", model.lm_head, LM_HEAD_SCHEME))
+    for parent, name, child, child_scheme in targets:
+        setattr(parent, name, QuantizedLinear(child.in_features, child.out_features, child.bias is not None,
+                                              child_scheme, out_dtype))
