@@ -25,6 +25,18 @@ def make_prompts(num: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(num)]
 
 
+TEXT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "sentiment"
+
+
+def fixed_text() -> str:
+    """The fixed English text of the perplexity measurements: the committed sentiment sample
+    (tests/data/sentiment, MIT licence, see its README), joined in a fixed order."""
+    lines = []
+    for name in ("movies/train.jsonl", "movies/dev.jsonl", "movies/test.jsonl", "tweets/test.jsonl"):
+        lines += [json.loads(line)["text"] for line in (TEXT_DIR / name).read_text().splitlines() if line.strip()]
+    return "\n".join(lines)
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -41,6 +53,29 @@ def run_child(script: str, args: list[str]) -> dict:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"child failed: {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pagellm_kwargs(engine: str) -> dict:
+    """An engine name of --engines -> LLM keyword arguments: `pagellm` (unquantized), `pagellm:int4`,
+    `pagellm:int8`, with `+compile` appended for --compile (e.g. `pagellm:int4+compile`)."""
+    name, _, flags = engine.partition("+")
+    base, _, quantization = name.partition(":")
+    if base != "pagellm" or flags not in ("", "compile") or quantization not in ("", "int8", "int4"):
+        raise SystemExit(f"unknown engine {engine!r}: pagellm[:int8|:int4][+compile] or hf")
+    return {"quantization": quantization or "none", "compile": flags == "compile"}
+
+
+def ratios_vs_hf(result: dict, engines: list[str], keys: dict[str, bool]) -> None:
+    """result["ratios_vs_hf"][engine][key]: pagellm over HF (or HF over pagellm where keys[key] is True,
+    for times: lower is better)."""
+    if "hf" not in result:
+        return
+    hf = result["hf"]
+    result["ratios_vs_hf"] = {
+        engine: {key: (hf[key] / result[engine][key] if inverse else result[engine][key] / hf[key])
+                 for key, inverse in keys.items()}
+        for engine in engines if engine != "hf"
+    }
 
 
 def hf_model(dtype: str):
@@ -64,7 +99,8 @@ def resolved_dtype(dtype: str) -> str:
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dtype", default="auto", help="run dtype for both engines (auto: as pagellm picks)")
-    p.add_argument("--engines", default="pagellm,hf", help="comma list of pagellm,hf")
+    p.add_argument("--engines", default="pagellm,pagellm:int4,hf",
+                   help="comma list of hf and pagellm[:int8|:int4][+compile] (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path (default: benchmarks/results/<name>.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)

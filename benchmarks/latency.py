@@ -11,16 +11,26 @@ import sys
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import base_parser, hf_model, load_average, make_prompts, resolved_dtype, run_child, write_result  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    hf_model,
+    load_average,
+    make_prompts,
+    pagellm_kwargs,
+    ratios_vs_hf,
+    resolved_dtype,
+    run_child,
+    write_result,
+)
 
 PROMPT_LEN, GEN_LEN, REPEATS = 256, 128, 3
 
 
-def measure_pagellm(dtype: str) -> dict:
+def measure_pagellm(dtype: str, engine: str) -> dict:
     from pagellm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(dtype=dtype, max_num_seqs=1)
+    llm = LLM(dtype=dtype, max_num_seqs=1, **pagellm_kwargs(engine))
     load_s = time.perf_counter() - t0
     prompts = make_prompts(REPEATS + 1, PROMPT_LEN)
     llm.generate([prompts[-1]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -42,7 +52,7 @@ def measure_pagellm(dtype: str) -> dict:
     return {"load_s": load_s, "ttft_s": min(ttfts), "decode_tok_s": max(decode_rates), "e2e_s": min(e2es)}
 
 
-def measure_hf(dtype: str) -> dict:
+def measure_hf(dtype: str, engine: str = "hf") -> dict:
     import torch
 
     t0 = time.perf_counter()
@@ -71,19 +81,17 @@ def measure_hf(dtype: str) -> dict:
 def main() -> None:
     args = base_parser(__doc__).parse_args()
     if args.child:
-        fn = measure_pagellm if args.engine == "pagellm" else measure_hf
-        print(json.dumps(fn(args.dtype)))
+        fn = measure_hf if args.engine == "hf" else measure_pagellm
+        print(json.dumps(fn(args.dtype, args.engine)))
         return
     dtype = resolved_dtype(args.dtype)
     result = {"workload": "W1", "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "dtype": dtype,
               "load_avg_before": load_average()}
-    for engine in args.engines.split(","):
+    engines = args.engines.split(",")
+    for engine in engines:
         result[engine] = run_child(__file__, ["--engine", engine, "--dtype", dtype])
-    if "pagellm" in result and "hf" in result:
-        p, h = result["pagellm"], result["hf"]
-        result["ratio_decode_vs_hf"] = p["decode_tok_s"] / h["decode_tok_s"]
-        result["ratio_ttft_hf_over_pagellm"] = h["ttft_s"] / p["ttft_s"]
-        result["ratio_e2e_hf_over_pagellm"] = h["e2e_s"] / p["e2e_s"]
+    # decode: pagellm / HF (higher is better); ttft, e2e: HF / pagellm (times: higher is better too)
+    ratios_vs_hf(result, engines, {"decode_tok_s": False, "ttft_s": True, "e2e_s": True})
     result["load_avg_after"] = load_average()
     write_result("latency", result, args.out)
 

@@ -10,20 +10,19 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import base_parser, load_average, make_prompts, resolved_dtype, run_child, write_result  # noqa: E402
+from common import (  # noqa: E402
+    base_parser,
+    fixed_text,
+    load_average,
+    make_prompts,
+    resolved_dtype,
+    run_child,
+    write_result,
+)
 
-TEXT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "sentiment"
 PROMPT_LEN, GEN_LEN = 256, 128
-
-
-def fixed_text() -> str:
-    lines = []
-    for name in ("movies/train.jsonl", "movies/dev.jsonl", "movies/test.jsonl", "tweets/test.jsonl"):
-        lines += [json.loads(line)["text"] for line in (TEXT_DIR / name).read_text().splitlines() if line.strip()]
-    return "\n".join(lines)
 
 
 def measure(model: str | None, dtype: str) -> dict:

@@ -16,7 +16,9 @@ from common import (  # noqa: E402
     hf_model,
     load_average,
     make_prompts,
+    pagellm_kwargs,
     peak_rss_mib,
+    ratios_vs_hf,
     resolved_dtype,
     run_child,
     write_result,
@@ -25,11 +27,11 @@ from common import (  # noqa: E402
 NUM_PROMPTS, PROMPT_LEN, GEN_LEN = 64, 256, 128
 
 
-def measure_pagellm(dtype: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
+def measure_pagellm(engine: str, dtype: str, max_num_seqs: int, max_num_batched_tokens: int) -> dict:
     from pagellm import LLM, SamplingParams
 
     llm = LLM(dtype=dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, **pagellm_kwargs(engine))
     prompts = make_prompts(NUM_PROMPTS, PROMPT_LEN)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     params = SamplingParams(temperature=0, max_tokens=GEN_LEN, ignore_eos=True)
@@ -40,7 +42,7 @@ def measure_pagellm(dtype: str, max_num_seqs: int, max_num_batched_tokens: int) 
     return _rates(elapsed)
 
 
-def measure_hf(dtype: str, *_: int) -> dict:
+def measure_hf(engine: str, dtype: str, *_: int) -> dict:
     import torch
 
     model = hf_model(dtype)
@@ -70,20 +72,19 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = p.parse_args()
     if args.child:
-        fn = measure_pagellm if args.engine == "pagellm" else measure_hf
-        print(json.dumps(fn(args.dtype, args.max_num_seqs, args.max_num_batched_tokens)))
+        fn = measure_hf if args.engine == "hf" else measure_pagellm
+        print(json.dumps(fn(args.engine, args.dtype, args.max_num_seqs, args.max_num_batched_tokens)))
         return
     dtype = resolved_dtype(args.dtype)
     result = {"workload": "W2", "num_prompts": NUM_PROMPTS, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
               "dtype": dtype, "max_num_seqs": args.max_num_seqs,
               "max_num_batched_tokens": args.max_num_batched_tokens, "load_avg_before": load_average()}
-    for engine in args.engines.split(","):
+    engines = args.engines.split(",")
+    for engine in engines:
         result[engine] = run_child(__file__, ["--engine", engine, "--dtype", dtype, "--max-num-seqs",
                                               str(args.max_num_seqs), "--max-num-batched-tokens",
                                               str(args.max_num_batched_tokens)])
-    if "pagellm" in result and "hf" in result:
-        result["ratio_output_vs_hf"] = result["pagellm"]["output_tok_s"] / result["hf"]["output_tok_s"]
-        result["ratio_rss_vs_hf"] = result["pagellm"]["peak_rss_mib"] / result["hf"]["peak_rss_mib"]
+    ratios_vs_hf(result, engines, {"output_tok_s": False, "peak_rss_mib": False})
     result["load_avg_after"] = load_average()
     write_result("throughput", result, args.out)
 

@@ -1,0 +1,113 @@
+"""Accuracy of packed int8/int4 weights against bf16, on the bundled SmolLM2, in one run.
+
+For each scheme, in its own process: perplexity on the fixed English text (benchmarks/common.py:
+the committed sentiment sample), greedy outputs of 6 prompts x 48 tokens compared with bf16, the
+packed weight bytes, load time and peak RSS. Schemes:
+  bf16         the GGUF dequantized to bfloat16 values (the reference)
+  int4-gguf    the GGUF's own Q4_1 blocks, kept packed (the default: --quantization auto)
+  int8         bf16 weights quantized per channel by pagellm
+  int4         bf16 weights quantized in groups of 32 by pagellm
+The last two start from an HF folder of the dequantized model, so pagellm's own quantizers run.
+Usage: python benchmarks/quantization.py [--out FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import base_parser, fixed_text, load_average, peak_rss_mib, run_child, write_result  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a KV cache is in one sentence.",
+    "List three prime numbers.",
+    "Once upon a time",
+    "The stock market today",
+]
+GEN_LEN = 48
+SCHEMES = {  # name -> (source, LLM keyword arguments)
+    "bf16": ("gguf", {"dtype": "bfloat16", "quantization": "none"}),
+    "int4-gguf": ("gguf", {"quantization": "auto"}),
+    "int8": ("folder", {"dtype": "bfloat16", "quantization": "int8"}),
+    "int4": ("folder", {"dtype": "bfloat16", "quantization": "int4"}),
+}
+
+
+def measure(scheme: str, folder: str) -> dict:
+    from pagellm import LLM, SamplingParams
+    from pagellm.engine.perplexity import perplexity
+    from pagellm.model.layers.quant import QuantizedLinear
+
+    source, kwargs = SCHEMES[scheme]
+    start = time.perf_counter()
+    llm = LLM(folder if source == "folder" else None, max_num_seqs=8, **kwargs)
+    load_s = time.perf_counter() - start
+    model = llm.llm_engine.model
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    ppl = perplexity(llm, fixed_text(), window=512)
+    outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
+                    SamplingParams(temperature=0, max_tokens=GEN_LEN), use_tqdm=False)
+    return {"quantization": model.quantization, "load_s": load_s, "perplexity": ppl.perplexity,
+            "num_tokens": ppl.num_tokens, "greedy": [o.outputs[0].token_ids for o in outs],
+            "texts": [o.outputs[0].text for o in outs],
+            "packed_weight_mib": sum(m.weight_bytes() for m in linears) / 2**20, "peak_rss_mib": peak_rss_mib()}
+
+
+def write_dequantized_folder(path: str) -> None:
+    """The bundled GGUF as a bf16 HF folder (what an unquantized checkpoint looks like)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pagellm.model.loader.model_loader import checkpoint_weights
+    from pagellm.model.loader.resolve import resolve_model
+    from pagellm.tokenizer import load_tokenizer
+
+    source = resolve_model(None)
+    config, weights = checkpoint_weights(source)
+    config.save_pretrained(path)
+    save_file({n: t.to(torch.bfloat16).contiguous() for n, t in weights}, f"{path}/model.safetensors")
+    load_tokenizer(source).save_pretrained(path)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Identical sequences, and the mean length of the common prefix, in tokens."""
+    prefixes = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefixes.append(n)
+    return {"identical": sum(x == y for x, y in zip(a, b)), "of": len(a),
+            "mean_common_prefix": sum(prefixes) / len(prefixes)}
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--scheme", default=None, help=__import__("argparse").SUPPRESS)
+    p.add_argument("--folder", default="", help=__import__("argparse").SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.scheme, args.folder)))
+        return
+    result = {"workload": "quantization accuracy", "text": "tests/data/sentiment (joined)", "gen_len": GEN_LEN,
+              "load_avg_before": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_dequantized_folder(tmp)
+        for scheme in SCHEMES:
+            result[scheme] = run_child(__file__, ["--scheme", scheme, "--folder", tmp])
+    ref = result["bf16"]
+    for scheme in SCHEMES:
+        r = result[scheme]
+        r["perplexity_vs_bf16"] = r["perplexity"] / ref["perplexity"]
+        r["greedy_vs_bf16"] = agreement(r["greedy"], ref["greedy"])
+    result["load_avg_after"] = load_average()
+    write_result("quantization", result, args.out)
+
+
+if __name__ == "__main__":
+    main()
