@@ -9,9 +9,10 @@ from pagellm.model.layers.attention import AttentionMetadata, _decode_attention,
 from pagellm.model.layers.kernels import load_kernel
 
 
-def _case(lengths: list[int], num_heads: int, num_kv_heads: int, dtype: torch.dtype, block_size: int = 4):
+def _case(lengths: list[int], num_heads: int, num_kv_heads: int, dtype: torch.dtype, block_size: int = 4,
+          head_dim: int = 16):
     torch.manual_seed(0)
-    head_dim, num_blocks = 16, 64
+    num_blocks = 256
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
     max_blocks = -(-max(lengths) // block_size)
@@ -28,11 +29,14 @@ def _case(lengths: list[int], num_heads: int, num_kv_heads: int, dtype: torch.dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lengths,heads", [([1, 5, 17, 9], (6, 2)), ([8, 8], (4, 4)), ([13], (9, 3))])
-def test_kernel_matches_torch_path(lengths, heads, dtype):
+# long contexts of few sequences are cut into splits (merged like flash-decoding), including empty ones
+@pytest.mark.parametrize("lengths,heads", [([1, 5, 17, 9], (6, 2)), ([8, 8], (4, 4)), ([13], (9, 3)),
+                                           ([300], (9, 3)), ([257, 3], (4, 1)), ([130, 64, 1], (6, 2))])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])  # 64 and 128 have their own unrolled kernels
+def test_kernel_matches_torch_path(lengths, heads, dtype, head_dim):
     if load_kernel() is None:
         pytest.skip("no C++ compiler: the torch path is the only one")
-    q, k_cache, v_cache, meta = _case(lengths, *heads, dtype)
+    q, k_cache, v_cache, meta = _case(lengths, *heads, dtype, head_dim=head_dim)
     ours = _decode_attention(q, k_cache, v_cache, meta, 0.25)
     ref = _decode_attention_torch(q, k_cache, v_cache, meta, 0.25)
     assert ours.dtype == q.dtype and ours.shape == ref.shape

@@ -74,7 +74,7 @@ def test_quantized_linear_matches_its_dequantized_weight(scheme, rows, kernels, 
     layer = QuantizedLinear(128, 96, bias=True, scheme=scheme)
     layer.set_weight(qw)
     layer.bias.copy_(torch.randn(96))
-    assert torch.equal(layer.dequantize(), qw.dequantize())
+    torch.testing.assert_close(layer.dequantize(), qw.dequantize(), atol=1e-7, rtol=1e-6)  # C++: fused mul-add
     rows = {"max": KERNEL_MAX_ROWS[scheme], "max+1": KERNEL_MAX_ROWS[scheme] + 1}.get(rows, rows)
     x = torch.randn(rows, 128)
     ref = F.linear(x, qw.dequantize(), layer.bias)
@@ -180,3 +180,17 @@ def test_bad_quantization_is_a_clear_error(tiny_llama_dir):
 
     with pytest.raises(InvalidRequest, match="quantization must be one of"):
         LLM(tiny_llama_dir, quantization="fp4")
+
+
+def test_cpp_rms_norm_matches_torch():
+    from pagellm.model.layers.kernels import load_kernel
+    from pagellm.model.layers.norm import RMSNorm
+
+    if load_kernel() is None:
+        pytest.skip("C++ kernels unavailable (no compiler)")
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(5, 576) * 3
+    with torch.inference_mode():
+        got = norm(x)
+    torch.testing.assert_close(got, F.rms_norm(x, (576,), norm.weight, 1e-5), atol=1e-5, rtol=1e-5)

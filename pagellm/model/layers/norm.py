@@ -1,10 +1,12 @@
-"""RMSNorm."""
+"""RMSNorm (float32 rows go through the C++ kernel when it is built: torch's op costs 25-60 us a call)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagellm.model.layers.kernels import load_kernel
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 and x.dim() == 2 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            kernel = load_kernel()
+            if kernel is not None:
+                return kernel.rms_norm(x.contiguous(), self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)

@@ -1,7 +1,7 @@
 """Weight-only quantized linear layers that keep their weights packed: int8 per channel, int4 per group.
 
 Kernels, chosen by measurement (benchmarks/linear_kernels.py, 2 AVX2 cores, SmolLM2 shapes): calls
-with up to ~100-250 rows (decode, small prefill chunks) run pagellm's C++ kernels
+with up to ~50-100 rows (decode, small prefill chunks) run pagellm's C++ kernels
 (csrc/quant_gemv.cpp) on the packed codes with float32 activations. torch's `_weight_int8pack_mm`
 and `_weight_int4pack_mm_for_cpu` were measured too: they need bf16 activations (float32 is 10x
 slower), and they were slower per call (1.8x for the LM head). Calls with more rows (prefill)
@@ -23,9 +23,9 @@ from pagellm.model.layers.kernels import load_kernel
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 blocks are 32 wide: their weights load as they are
 # Calls with at most this many rows take the packed kernel (which walks the weight once per 8 rows);
-# above, dequantize + float32 matmul. Measured crossovers: int8 ~128 rows, int4 ~300 (its torch
-# dequantization costs ~15 ms a layer).
-KERNEL_MAX_ROWS = {"int8": 96, "int4": 256}
+# above, dequantize + float32 matmul. Measured crossovers (benchmarks/linear_kernels.py): int8 ~100
+# rows, int4 ~40-60 (its C++ dequantization costs ~1 ms a layer).
+KERNEL_MAX_ROWS = {"int8": 96, "int4": 48}
 
 
 @dataclass
@@ -152,6 +152,9 @@ class QuantizedLinear(nn.Module):
         dtype = dtype or self.out_dtype
         if self.scheme == "int8":
             return self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
+        kernel = load_kernel() if not torch.compiler.is_compiling() else None
+        if kernel is not None and dtype == torch.float32:  # ~10x faster than the torch ops below
+            return kernel.int4_dequantize(self.qweight, self.scales, self.mins)
         groups = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size).to(dtype)
         w = groups * self.scales.to(dtype).unsqueeze(-1) + self.mins.to(dtype).unsqueeze(-1)
         return w.view(self.out_features, self.in_features)
@@ -175,6 +178,18 @@ class QuantizedLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: the common decode call (2-D float32, few rows, inference) goes straight to the kernel:
+        # ~120 calls a step, so each Python step here costs about a millisecond per token
+        if (x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_ROWS[self.scheme]
+                and not torch.compiler.is_compiling() and not torch.is_grad_enabled()):
+            kernel = load_kernel()
+            if kernel is not None:
+                x = x.contiguous()
+                if self.scheme == "int8":
+                    out = kernel.int8_gemv(x, self.qweight, self.scales)
+                else:
+                    out = kernel.int4_gemv(x, self.qweight, self.scales, self.mins)
+                return out if self.bias is None else out + self.bias
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         few = x2.shape[0] <= KERNEL_MAX_ROWS[self.scheme] and not torch.is_grad_enabled()

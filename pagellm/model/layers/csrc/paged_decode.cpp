@@ -1,6 +1,8 @@
 // Paged decode attention for CPU: one query token per sequence attends to its KV blocks where they lie
-// in the cache (no gather into a padded tensor). Work items are (sequence, KV head) pairs; the query
-// heads of one GQA group share each key/value row read.
+// in the cache (no gather into a padded tensor). Work items are (sequence, KV head, split): the query
+// heads of one GQA group share each key/value row read, and a long context is cut into splits so
+// that a small batch still has work for every thread (each split keeps its own softmax max and sum;
+// the splits are merged at the end, as in flash-decoding).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -11,55 +13,117 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
+constexpr int64_t kMinSplitTokens = 64;  // a split shorter than this costs more to merge than it saves
 
 template <typename T>
+inline const float* row_as_float(const T* row, float* scratch, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) scratch[d] = static_cast<float>(row[d]);
+  return scratch;
+}
+
+template <>
+inline const float* row_as_float<float>(const float* row, float*, int64_t) { return row; }
+
+// HD: the head dim known at compile time (64 or 128: fully unrolled, vectorized loops), 0: any
+template <typename T, int HD>
 void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_table,
                    const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                   int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+                   int64_t head_dim_runtime, int64_t block_size, int64_t max_blocks, float scale) {
+  const int64_t head_dim = HD > 0 ? HD : head_dim_runtime;
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row_stride = num_kv_heads * head_dim;  // between tokens of one block
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> key(head_dim);
+  const int64_t max_len = *std::max_element(seq_lens, seq_lens + num_seqs);
+  const int64_t pairs = num_seqs * num_kv_heads;
+  const int64_t wanted = (4 * at::get_num_threads() + pairs - 1) / pairs;  // ~4 items per thread
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, max_len / kMinSplitTokens));
+  // per (pair, split, group head): unnormalized output [head_dim], running max, sum of exponentials
+  std::vector<float> part_out(pairs * splits * group * head_dim);
+  std::vector<float> part_max(pairs * splits * group, -std::numeric_limits<float>::infinity());
+  std::vector<float> part_sum(pairs * splits * group, 0.f);
+  at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, scratch(head_dim);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+      const int64_t pair = item / splits, split = item % splits;
+      const int64_t seq = pair / num_kv_heads, kv_head = pair % num_kv_heads;
       const int64_t len = seq_lens[seq];
+      const int64_t chunk = (len + splits - 1) / splits;
+      const int64_t t0 = std::min(len, split * chunk), t1 = std::min(len, t0 + chunk), n = t1 - t0;
+      float* o = part_out.data() + item * group * head_dim;
+      std::fill(o, o + group * head_dim, 0.f);
+      if (n <= 0) continue;
       const int64_t* table = block_table + seq * max_blocks;
-      scores.assign(group * len, 0.f);
       const float* qg = q + (seq * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
-      for (int64_t t = 0; t < len; ++t) {
-        const T* k = k_cache + (table[t / block_size] * block_size + t % block_size) * row_stride + kv_head * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) key[d] = to_float(k[d]);
+      scores.assign(group * n, 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = t0 + t;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const float* key = row_as_float(k_cache + slot * row_stride + kv_head * head_dim, scratch.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) {
           const float* qh = qg + g * head_dim;
           float dot = 0.f;
           for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * key[d];
-          scores[g * len + t] = dot * scale;
+          scores[g * n + t] = dot * scale;
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * len;
-        const float mx = *std::max_element(s, s + len);
+        float* sc = scores.data() + g * n;
+        const float mx = *std::max_element(sc, sc + n);
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) { s[t] = std::exp(s[t] - mx); sum += s[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+        for (int64_t t = 0; t < n; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+        part_max[item * group + g] = mx;
+        part_sum[item * group + g] = sum;
       }
-      float* og = out + (seq * num_heads + kv_head * group) * head_dim;
-      std::fill(og, og + group * head_dim, 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = v_cache + (table[t / block_size] * block_size + t % block_size) * row_stride + kv_head * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) key[d] = to_float(v[d]);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = t0 + t;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const float* val = row_as_float(v_cache + slot * row_stride + kv_head * head_dim, scratch.data(), head_dim);
         for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* oh = og + g * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * key[d];
+          const float p = scores[g * n + t];
+          float* oh = o + g * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) oh[d] += p * val[d];
         }
       }
     }
   });
+  // merge the splits: out = sum_s o_s * e^(m_s - m) / sum_s l_s * e^(m_s - m)
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t seq = pair / num_kv_heads, kv_head = pair % num_kv_heads;
+    for (int64_t g = 0; g < group; ++g) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < splits; ++s) m = std::max(m, part_max[(pair * splits + s) * group + g]);
+      float* dst = out + (seq * num_heads + kv_head * group + g) * head_dim;
+      std::fill(dst, dst + head_dim, 0.f);
+      float total = 0.f;
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t idx = (pair * splits + s) * group + g;
+        if (part_sum[idx] == 0.f) continue;  // an empty split
+        const float w = std::exp(part_max[idx] - m);
+        total += part_sum[idx] * w;
+        const float* src = part_out.data() + idx * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] += src[d] * w;
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < head_dim; ++d) dst[d] *= inv;
+    }
+  }
+}
+
+template <typename T>
+void launch(const torch::Tensor& qf, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& table, const torch::Tensor& lens, torch::Tensor& out, int64_t num_heads,
+            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, double scale) {
+  auto run = [&](auto kernel) {
+    kernel(qf.data_ptr<float>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), table.data_ptr<int64_t>(),
+           lens.data_ptr<int64_t>(), out.data_ptr<float>(), qf.size(0), num_heads, num_kv_heads, head_dim,
+           block_size, table.size(1), static_cast<float>(scale));
+  };
+  if (head_dim == 64) {
+    run(decode_kernel<T, 64>);
+  } else if (head_dim == 128) {
+    run(decode_kernel<T, 128>);
+  } else {
+    run(decode_kernel<T, 0>);
+  }
 }
 
 }  // namespace
@@ -79,14 +143,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head mismatch");
   if (k_cache.scalar_type() == torch::kFloat) {
-    decode_kernel<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                         table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), num_seqs,
-                         num_heads, num_kv_heads, head_dim, block_size, table.size(1), static_cast<float>(scale));
+    launch<float>(qf, k_cache, v_cache, table, lens, out, num_heads, num_kv_heads, head_dim, block_size, scale);
   } else if (k_cache.scalar_type() == torch::kBFloat16) {
-    decode_kernel<at::BFloat16>(qf.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
-                                v_cache.data_ptr<at::BFloat16>(), table.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
-                                out.data_ptr<float>(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                                table.size(1), static_cast<float>(scale));
+    launch<at::BFloat16>(qf, k_cache, v_cache, table, lens, out, num_heads, num_kv_heads, head_dim, block_size,
+                         scale);
   } else {
     TORCH_CHECK(false, "paged_decode_attention: float32 or bfloat16 caches only");
   }

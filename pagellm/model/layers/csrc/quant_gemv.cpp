@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -199,6 +200,53 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
     DISPATCH_ROWS(rows, INT4_ROWS, x.data_ptr<float>() + r * K, xsum.data_ptr<float>() + r * (K / kGroup),
                   q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(),
                   out.data_ptr<float>() + r * N, N, K);
+  }
+  return out;
+}
+
+// int4 codes (layout above) -> float32 weight [N, K], for calls with too many rows for int4_gemv
+torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
+  const int64_t N = q.size(0), K = q.size(1) * 2, groups = K / kGroup;
+  TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == N * groups,
+              "scales must be [N, K / 32] float32");
+  TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous() && mins.numel() == N * groups,
+              "mins must be [N, K / 32] float32");
+  auto out = torch::empty({N, K}, scales.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* mp = mins.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // i: (row, group)
+      const uint8_t* b = qp + i * (kGroup / 2);
+      float* w = op + i * kGroup;
+      const float s = sp[i], m = mp[i];
+      for (int64_t j = 0; j < kGroup / 2; ++j) {
+        w[j] = static_cast<float>(b[j] & 0x0F) * s + m;
+        w[j + kGroup / 2] = static_cast<float>(b[j] >> 4) * s + m;
+      }
+    }
+  });
+  return out;
+}
+
+// RMSNorm of float32 rows: out = x / sqrt(mean(x^2) + eps) * weight. torch's op costs ~25-60 us a call
+// on a single decode row here, 60 calls a step.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x must be [M, H] float32");
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.numel() == x.size(1), "weight must be [H] float32");
+  const int64_t M = x.size(0), H = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {  // NOTE: no threads: a row is a few hundred floats
+    const float* row = xp + m * H;
+    float ss = 0.f;
+    for (int64_t h = 0; h < H; ++h) ss += row[h] * row[h];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+    for (int64_t h = 0; h < H; ++h) op[m * H + h] = row[h] * r * wp[h];
   }
   return out;
 }
