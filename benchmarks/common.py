@@ -57,12 +57,14 @@ def run_child(script: str, args: list[str]) -> dict:
 
 def pagellm_kwargs(engine: str) -> dict:
     """An engine name of --engines -> LLM keyword arguments: `pagellm` (unquantized), `pagellm:int4`,
-    `pagellm:int8`, with `+compile` appended for --compile (e.g. `pagellm:int4+compile`)."""
-    name, _, flags = engine.partition("+")
+    `pagellm:int8`, then flags: `+compile` (--compile), `+kvbf16` (--kv-cache-dtype bfloat16),
+    e.g. `pagellm:int4+kvbf16`."""
+    name, *flags = engine.split("+")
     base, _, quantization = name.partition(":")
-    if base != "pagellm" or flags not in ("", "compile") or quantization not in ("", "int8", "int4"):
-        raise SystemExit(f"unknown engine {engine!r}: pagellm[:int8|:int4][+compile] or hf")
-    return {"quantization": quantization or "none", "compile": flags == "compile"}
+    if base != "pagellm" or not set(flags) <= {"compile", "kvbf16"} or quantization not in ("", "int8", "int4"):
+        raise SystemExit(f"unknown engine {engine!r}: pagellm[:int8|:int4][+compile][+kvbf16] or hf")
+    return {"quantization": quantization or "none", "compile": "compile" in flags,
+            "kv_cache_dtype": "bfloat16" if "kvbf16" in flags else "auto"}
 
 
 def ratios_vs_hf(result: dict, engines: list[str], keys: dict[str, bool]) -> None:
@@ -100,7 +102,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dtype", default="auto", help="run dtype for both engines (auto: as pagellm picks)")
     p.add_argument("--engines", default="pagellm,pagellm:int4,hf",
-                   help="comma list of hf and pagellm[:int8|:int4][+compile] (default: %(default)s)")
+                   help="comma list of hf and pagellm[:int8|:int4][+compile][+kvbf16] (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON output path (default: benchmarks/results/<name>.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)

@@ -28,12 +28,16 @@ class CacheConfig:
     num_blocks: int | None = None  # None: derived from kv_cache_memory
     kv_cache_memory: int | None = None  # bytes; None: a default sized to max_num_seqs * max_model_len
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # auto: the model's dtype (bf16 even where activations run in float32)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
+        if self.cache_dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ValueError("kv_cache_dtype must be one of auto, bfloat16, float32, float16; "
+                             f"got {self.cache_dtype!r}")
 
 
 @dataclass

@@ -39,7 +39,11 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
         quantization = resolve_quantization(self.source, model_config.quantization, model_config.dtype)
         self.model = load_model(self.source, self.dtype, quantization)
-        self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations and KV cache
+        self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations
+        # NOTE: "auto" stores keys/values in the model's dtype, which can be narrower than the activations:
+        # a bf16 model on a CPU without native bf16 computes in float32 but keeps a bf16 cache (half the
+        # memory, and W2 measured faster: less to read per decode step)
+        self.kv_dtype = self.dtype if cache_config.cache_dtype == "auto" else resolve_dtype(cache_config.cache_dtype)
         hf_config = self.model.config
         max_len = model_config.max_model_len or hf_config.max_position_embeddings
         if max_len > hf_config.max_position_embeddings:
@@ -51,12 +55,12 @@ class LLMEngine:
         scheduler_config = replace(scheduler_config, max_model_len=max_len,
                                    max_loras=lora_config.max_loras if lora_config else 0)
         cache_config = replace(
-            cache_config, num_blocks=size_kv_cache(self.model, cache_config, scheduler_config, self.compute_dtype)
+            cache_config, num_blocks=size_kv_cache(self.model, cache_config, scheduler_config, self.kv_dtype)
         )
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
         self.lora_config = lora_config
         self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype, lora_config,
-                               compile=model_config.compile)
+                               compile=model_config.compile, kv_dtype=self.kv_dtype)
         self.lora_requests: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id
         self.eos_token_id = self._eos_token_id(hf_config)
         pool_tokens = cache_config.num_blocks * cache_config.block_size

@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="weight-only quantization, kept packed: int8 per channel, int4 in groups of 32; auto = "
                         "a Q4_0/Q4_1 or Q8_0 GGUF runs from its packed weights unless --dtype is given "
                         "(default: %(default)s)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="KV cache dtype; auto = the model's --dtype (so bfloat16 also where activations run in "
+                        "float32 on CPUs without native bf16) (default: %(default)s)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (dynamic shapes; compiling takes minutes at start, "
                         "cached on disk by torch after the first time) (default: off)")
@@ -51,7 +54,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        seed=args.seed, quantization=args.quantization, compile=args.compile, **lora_kwargs(args),
+        seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
+        **lora_kwargs(args),
     )
 
 

@@ -61,6 +61,7 @@ class LLM:
         max_loras: int = 4,
         max_lora_rank: int = 16,
         quantization: str | None = "auto",
+        kv_cache_dtype: str = "auto",
         compile: bool = False,
     ) -> None:
         self.task = task
@@ -80,7 +81,7 @@ class LLM:
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                         quantization=quantization, compile=compile),
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                        enable_prefix_caching=enable_prefix_caching),
+                        enable_prefix_caching=enable_prefix_caching, cache_dtype=kv_cache_dtype),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             policy=scheduling_policy),
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,

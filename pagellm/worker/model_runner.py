@@ -19,6 +19,23 @@ from pagellm.worker.sampler import Sampler, compute_prompt_logprobs
 logger = logging.getLogger(__name__)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor whose memory is only backed once written.
+
+    NOTE: zeros, not empty: a garbage NaN in an unused slot would leak through masked attention
+    (0 * NaN). But torch.zeros writes every page, so a 2 GiB KV cache would be resident from the
+    start; numpy's zeros is calloc, which for a large block maps fresh pages that the OS zeroes on
+    first touch, so the cache's resident size grows with the blocks actually used.
+    """
+    import numpy as np
+
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}.get(dtype)
+    if np_dtype is None:
+        return torch.zeros(shape, dtype=dtype)
+    tensor = torch.from_numpy(np.zeros(shape, dtype=np_dtype))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
 def kv_bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * len(model.layers) * block_size * model.num_kv_heads * model.head_dim * itemsize
@@ -28,17 +45,15 @@ class ModelRunner:
     """SchedulerOutput in, ModelRunnerOutput out; never touches a Request."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 lora_config: LoRAConfig | None = None, compile: bool = False, max_num_seqs: int = 1) -> None:
+                 lora_config: LoRAConfig | None = None, compile: bool = False, max_num_seqs: int = 1,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.lora = LoRAManager(model, lora_config, dtype) if lora_config is not None else None
         self.block_size = block_size
         self.dtype = dtype
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        # NOTE: torch.zeros, not empty: a garbage NaN in an unused slot would leak through
-        # masked attention (0 * NaN). Untouched pages of a large zeros tensor stay lazy.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.layers
-        ]
+        kv_dtype = kv_dtype or dtype  # NOTE: keys/values are cast on write and read when it differs
+        self.kv_caches = [(lazy_zeros(shape, kv_dtype), lazy_zeros(shape, kv_dtype)) for _ in model.layers]
         self.sampler = Sampler(model.config.vocab_size)
         load_kernel()  # NOTE: build or load the C++ kernels now, never inside a request's first step
         self.compiled_decode = self._compile(max_num_seqs) if compile else None

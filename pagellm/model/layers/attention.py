@@ -45,8 +45,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter the new keys/values [num_tokens, num_kv_heads, head_dim] into their slots."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -70,8 +70,8 @@ def _decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     group = num_heads // num_kv_heads
     table = meta.decode_block_table
     # [num_decodes, num_kv_heads, max_len, head_dim]
-    keys = k_cache[table].view(num_decodes, -1, num_kv_heads, head_dim)
-    values = v_cache[table].view(num_decodes, -1, num_kv_heads, head_dim)
+    keys = k_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).to(q.dtype)  # --kv-cache-dtype may differ
+    values = v_cache[table].view(num_decodes, -1, num_kv_heads, head_dim).to(q.dtype)
     if meta.decode_mask is None:  # every request has the same length: cut the padding instead of masking
         keys, values = keys[:, : meta.decode_max_len], values[:, : meta.decode_max_len]
     keys, values = keys.transpose(1, 2), values.transpose(1, 2)
@@ -95,6 +95,7 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         total = chunk.num_computed_tokens + chunk.num_tokens
         keys = k_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
         values = v_cache[chunk.block_ids].view(-1, num_kv_heads, head_dim)[:total].transpose(0, 1).unsqueeze(0)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=chunk.mask, scale=scale, enable_gqa=True
         )
