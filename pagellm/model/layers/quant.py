@@ -4,7 +4,7 @@ Kernels, chosen by measurement (benchmarks/linear_kernels.py, 2 AVX2 cores, Smol
 with up to ~50-100 rows (decode, small prefill chunks) run pagellm's C++ kernels
 (csrc/quant_gemv.cpp) on the packed codes with float32 activations. torch's `_weight_int8pack_mm`
 and `_weight_int4pack_mm_for_cpu` were measured too: they need bf16 activations (float32 is 10x
-slower), and they were slower per call (1.8x for the LM head). Calls with more rows (prefill)
+slower), they were no faster on the layers and 1.3-2.4x slower on the LM head. Calls with more rows (prefill)
 dequantize the layer for that call and run a float32 matmul; the copy is dropped afterwards, so
 memory stays packed. Without a C++ compiler, int8 falls back to torch's kernel and int4 to
 dequantizing.
