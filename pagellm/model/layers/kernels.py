@@ -80,9 +80,9 @@ def compile_ops() -> bool:
 
     @torch.library.custom_op("pagellm::write_kv", mutates_args=("k_cache", "v_cache"))
     def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        from pagellm.model.layers.attention import write_kv as eager_write_kv  # NOTE: attention imports us
+
+        eager_write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     @int8_gemv.register_fake
     def _(x, q, scales):

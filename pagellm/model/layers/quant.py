@@ -56,16 +56,15 @@ class QuantizedWeight:
         return w.view(out_features, in_features)
 
     def to_scheme(self, scheme: str) -> QuantizedWeight:
-        """The same weight in another scheme (through float when the schemes differ)."""
-        return self if scheme == self.scheme else quantize(self.dequantize(), scheme)
+        """The same weight in `scheme` (int4 in groups of INT4_GROUP_SIZE), through float if it is not."""
+        same = scheme == self.scheme and (scheme == "int8" or self.group_size == INT4_GROUP_SIZE)
+        return self if same else quantize(self.dequantize(), scheme)
 
 
 def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack quantized weights along the output axis (fused q/k/v or gate/up projections)."""
+    parts = [p.to_scheme(parts[0].scheme) for p in parts]
     first = parts[0]
-    if any(p.scheme != first.scheme or p.group_size != first.group_size for p in parts):
-        parts = [p if p.scheme == first.scheme and p.group_size == first.group_size
-                 else quantize(p.dequantize(), first.scheme) for p in parts]
     mins = None if first.mins is None else torch.cat([p.mins for p in parts])
     return QuantizedWeight(first.scheme, torch.cat([p.qweight for p in parts]),
                            torch.cat([p.scales for p in parts]), mins, first.group_size)
@@ -133,8 +132,6 @@ class QuantizedLinear(nn.Module):
     def set_weight(self, qw: QuantizedWeight) -> None:
         if tuple(qw.shape) != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight {tuple(qw.shape)} != ({self.out_features}, {self.in_features})")
-        if self.scheme == "int4" and qw.scheme == "int4" and qw.group_size != INT4_GROUP_SIZE:
-            qw = quantize(qw.dequantize(), "int4")
         qw = qw.to_scheme(self.scheme)
         if self.scheme == "int8":
             self.qweight = qw.qweight.contiguous()
@@ -150,55 +147,41 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight [out, in] (for calls with many rows, and for tests)."""
         dtype = dtype or self.out_dtype
-        if self.scheme == "int8":
-            return self.qweight.to(dtype) * self.scales.to(dtype).unsqueeze(1)
-        kernel = load_kernel() if not torch.compiler.is_compiling() else None
-        if kernel is not None and dtype == torch.float32:  # ~10x faster than the torch ops below
-            return kernel.int4_dequantize(self.qweight, self.scales, self.mins)
-        groups = unpack_int4(self.qweight).view(self.out_features, -1, self.group_size).to(dtype)
-        w = groups * self.scales.to(dtype).unsqueeze(-1) + self.mins.to(dtype).unsqueeze(-1)
-        return w.view(self.out_features, self.in_features)
+        if self.scheme == "int4":
+            kernel = load_kernel() if not torch.compiler.is_compiling() else None
+            if kernel is not None and dtype == torch.float32:  # ~10x faster than the torch ops
+                return kernel.int4_dequantize(self.qweight, self.scales, self.mins)
+        codes = self.qweight if self.scheme == "int8" else unpack_int4(self.qweight)
+        return QuantizedWeight(self.scheme, codes, self.scales, self.mins, self.group_size).dequantize(dtype)
 
-    def _few_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [rows, in] through a packed kernel, without bias; None where none applies."""
         if torch.compiler.is_compiling():  # the same kernels as custom ops (kernels.compile_ops)
-            x = x.contiguous()
-            if self.scheme == "int8":
-                return torch.ops.pagellm.int8_gemv(x, self.qweight, self.scales)
-            return torch.ops.pagellm.int4_gemv(x, self.qweight, self.scales, self.mins)
-        kernel = load_kernel()
-        if kernel is not None and x.dtype == torch.float32:
+            kernel = torch.ops.pagellm
+        else:
+            kernel = load_kernel() if x.dtype == torch.float32 else None
+        if kernel is not None:
             x = x.contiguous()
             if self.scheme == "int8":
                 return kernel.int8_gemv(x, self.qweight, self.scales)
             return kernel.int4_gemv(x, self.qweight, self.scales, self.mins)
-        if self.scheme == "int8":
+        if self.scheme == "int8":  # no C++ kernels: torch's, on bf16 activations
             if self._bf16_scales is None:
                 self._bf16_scales = self.scales.to(torch.bfloat16)
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._bf16_scales).to(x.dtype)
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: the common decode call (2-D float32, few rows, inference) goes straight to the kernel:
-        # ~120 calls a step, so each Python step here costs about a millisecond per token
-        if (x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= KERNEL_MAX_ROWS[self.scheme]
-                and not torch.compiler.is_compiling() and not torch.is_grad_enabled()):
-            kernel = load_kernel()
-            if kernel is not None:
-                x = x.contiguous()
-                if self.scheme == "int8":
-                    out = kernel.int8_gemv(x, self.qweight, self.scales)
-                else:
-                    out = kernel.int4_gemv(x, self.qweight, self.scales, self.mins)
-                return out if self.bias is None else out + self.bias
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        few = x2.shape[0] <= KERNEL_MAX_ROWS[self.scheme] and not torch.is_grad_enabled()
-        out = self._few_rows(x2) if few else None
+        # NOTE: ~120 calls a decode step: the common case (2-D input) adds no reshape
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = None
+        if x2.shape[0] <= KERNEL_MAX_ROWS[self.scheme] and not torch.is_grad_enabled():
+            out = self._packed_matmul(x2)
         if out is None:
-            out = F.linear(x2, self.dequantize(x.dtype), self.bias)
-        elif self.bias is not None:
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        if self.bias is not None:
             out = out + self.bias
-        return out.view(*shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"

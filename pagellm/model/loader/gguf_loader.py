@@ -118,6 +118,12 @@ class GGUFCheckpoint:
         config.architectures = [SUPPORTED_ARCHS[a]]
         return config
 
+    def _permuted_heads(self, name: str) -> int | None:
+        """The head count to undo llama.cpp's q/k row permutation with, for a llama q/k weight; else None."""
+        if self.arch != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+            return None
+        return self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
+
     def linear_quant_types(self) -> set[str]:
         """The GGUF types of the decoder layers' 2-D weights (e.g. {"Q4_1"})."""
         return {t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
@@ -126,16 +132,15 @@ class GGUFCheckpoint:
         """Like weights(), but Q8_0/Q4_0/Q4_1 matrices come as QuantizedWeight, read from their blocks
         without a float copy of the model: Q4_0/Q4_1 map exactly to int4 groups of 32; Q8_0 (whose
         per-block scales torch's int8 kernel cannot take) is requantized per row, one matrix at a time."""
-        cfg = self.config
         for t in self.reader.tensors:
             if not _packable(t):
                 continue
             name = hf_tensor_name(t.name)
             blocks = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1)
             qw = decode_blocks(blocks, t.tensor_type.name)
-            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-                qw = permute_rows(qw, lambda a, h=heads: unpermute_qk(a, h))
+            heads = self._permuted_heads(name)
+            if heads:
+                qw = unpermute_qk_rows(qw, heads)
             yield name, qw
         packed = {t.name for t in self.reader.tensors if _packable(t)}
         yield from self.weights(skip=packed)
@@ -144,15 +149,14 @@ class GGUFCheckpoint:
         """Yield (hf_name, float32 tensor) for every tensor, dequantized, q/k un-permuted for llama."""
         import gguf
 
-        cfg = self.config
         for t in self.reader.tensors:
             if t.name in skip:
                 continue
             name = hf_tensor_name(t.name)
             data = gguf.quants.dequantize(t.data, t.tensor_type)
             data = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-                heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            heads = self._permuted_heads(name)
+            if heads:
                 data = unpermute_qk(data, heads)
             yield name, torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
 
@@ -163,6 +167,8 @@ PACKED_TYPES = {"Q8_0", "Q4_0", "Q4_1"}
 def _packable(t) -> bool:
     """A quantized matrix of a Linear (the token embedding is looked up by row: it loads as float)."""
     return t.tensor_type.name in PACKED_TYPES and len(t.shape) == 2 and t.name != "token_embd.weight"
+
+
 _BLOCK = 32
 
 
@@ -191,9 +197,9 @@ def decode_blocks(blocks: np.ndarray, kind: str) -> QuantizedWeight:
     return QuantizedWeight("int4", q, d, mins, _BLOCK)
 
 
-def permute_rows(qw: QuantizedWeight, fn) -> QuantizedWeight:
-    """Apply a row permutation (numpy, over the first axis) to every per-row part of a weight."""
+def unpermute_qk_rows(qw: QuantizedWeight, num_heads: int) -> QuantizedWeight:
+    """unpermute_qk on every per-row part of a quantized weight (codes, scales, mins)."""
     def apply(t):
-        return None if t is None else torch.from_numpy(np.ascontiguousarray(fn(t.numpy())))
+        return None if t is None else torch.from_numpy(np.ascontiguousarray(unpermute_qk(t.numpy(), num_heads)))
 
     return QuantizedWeight(qw.scheme, apply(qw.qweight), apply(qw.scales), apply(qw.mins), qw.group_size)

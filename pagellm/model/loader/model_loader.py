@@ -58,30 +58,6 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _gguf_weights(source: ModelSource):
-    """(config, weights) of a GGUF file, through a dequantized safetensors cache.
-
-    NOTE: parsing GGUF metadata with the gguf package walks ~100k vocabulary strings (~7 s
-    here) and dequantizing takes ~3 s more; the first load writes config.json and float32
-    safetensors under ~/.cache/pagellm/gguf-dequant, later loads mmap them in well under 1 s.
-    """
-    cache = gguf_cache_dir(source.path, "gguf-dequant")
-    if (cache / "model.safetensors").is_file():
-        return load_hf_config(cache), iter_safetensors(cache)
-    ckpt = GGUFCheckpoint(source.path)
-    weights = dict(ckpt.weights())
-    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        ckpt.config.save_pretrained(str(tmp))
-        save_file(weights, str(tmp / "model.safetensors"))
-        os.replace(tmp, cache)
-    except OSError as exc:  # a read-only or full disk only costs the conversion next time
-        logger.warning("could not cache dequantized GGUF weights: %s", exc)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ckpt.config, iter(weights.items())
-
-
 def _save_packed(weights: dict, path) -> None:
     """Float tensors and QuantizedWeights in one safetensors file (parts keyed `name::part`)."""
     tensors, meta = {}, {}
@@ -115,7 +91,7 @@ def _load_packed(path):
 
 def gguf_packed_scheme(source: ModelSource) -> str | None:
     """int4 or int8 when the GGUF file's layer weights are all Q4_0/Q4_1 or all Q8_0; else None."""
-    cache = gguf_cache_dir(source.path, "gguf-packed-v1")
+    cache = gguf_cache_dir(source.path, "gguf-scheme")
     if (cache / "scheme").is_file():
         return (cache / "scheme").read_text().strip() or None
     types = GGUFCheckpoint(source.path).linear_quant_types() - {"F32"}
@@ -128,22 +104,38 @@ def gguf_packed_scheme(source: ModelSource) -> str | None:
     return scheme
 
 
-def _gguf_packed_weights(source: ModelSource):
-    """(config, weights) with Q8_0/Q4_0/Q4_1 matrices as QuantizedWeight, cached like _gguf_weights."""
-    cache = gguf_cache_dir(source.path, "gguf-packed-v1")
+def _cached_gguf(source: ModelSource, kind: str, convert):
+    """(config, weights) of a GGUF file, through a safetensors cache under ~/.cache/pagellm/<kind>.
+
+    NOTE: parsing GGUF metadata with the gguf package walks ~100k vocabulary strings (~7 s
+    here) and converting the tensors takes ~3 s more; the first load writes config.json and the
+    converted tensors (`convert(checkpoint)`), later loads read them in well under 1 s.
+    """
+    cache = gguf_cache_dir(source.path, kind)
     if (cache / "model.safetensors").is_file():
         return load_hf_config(cache), _load_packed(cache / "model.safetensors")
     ckpt = GGUFCheckpoint(source.path)
-    weights = dict(ckpt.packed_weights())
+    weights = dict(convert(ckpt))
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        ckpt.config.save_pretrained(str(cache))
-        tmp = cache / f"model.safetensors.tmp{os.getpid()}"
-        _save_packed(weights, tmp)
-        os.replace(tmp, cache / "model.safetensors")
-    except OSError as exc:
-        logger.warning("could not cache packed GGUF weights: %s", exc)
+        tmp.mkdir(parents=True, exist_ok=True)
+        ckpt.config.save_pretrained(str(tmp))
+        _save_packed(weights, tmp / "model.safetensors")
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only or full disk only costs the conversion next time
+        logger.warning("could not cache converted GGUF weights in %s: %s", cache, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
     return ckpt.config, iter(weights.items())
+
+
+def _gguf_weights(source: ModelSource):
+    """Every tensor dequantized to float32."""
+    return _cached_gguf(source, "gguf-dequant", GGUFCheckpoint.weights)
+
+
+def _gguf_packed_weights(source: ModelSource):
+    """Q8_0/Q4_0/Q4_1 matrices as QuantizedWeight, the rest float32."""
+    return _cached_gguf(source, "gguf-packed-v1", GGUFCheckpoint.packed_weights)
 
 
 def resolve_quantization(source: ModelSource, quantization: str | None, dtype: str) -> str | None:
