@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -17,6 +18,10 @@ from pagellm.worker.lora_manager import LoRAManager
 from pagellm.worker.sampler import Sampler, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
+
+# Decode-only steps with at most this many sequences run the C++ layer stack (model.fused_decoder);
+# its matmuls read each weight once per 8 rows, so larger batches go to the eager path's GEMMs.
+FUSED_MAX_ROWS = 16
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -57,6 +62,10 @@ class ModelRunner:
         self.sampler = Sampler(model.config.vocab_size)
         load_kernel()  # NOTE: build or load the C++ kernels now, never inside a request's first step
         self.compiled_decode = self._compile(max_num_seqs) if compile else None
+        self.fused_decode = None  # the decoder layers as one C++ call, for decode-only steps
+        if (not compile and self.lora is None and hasattr(model, "fused_decoder")
+                and os.environ.get("PAGELLM_FUSED_DECODE", "1") != "0"):
+            self.fused_decode = model.fused_decoder(self.kv_caches)
 
     def _compile(self, max_num_seqs: int):
         """torch.compile the decode-only step, then trace it now for the batch sizes that need a graph.
@@ -100,8 +109,11 @@ class ModelRunner:
                 meta = inputs.attn_meta
                 meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values
         meta = inputs.attn_meta
-        if self.compiled_decode is not None and not meta.prefills and meta.virtual_rows is None \
-                and meta.decode_seq_lens is not None:
+        decode_only = not meta.prefills and meta.virtual_rows is None and meta.decode_seq_lens is not None
+        if self.fused_decode is not None and decode_only and meta.num_decode_tokens <= FUSED_MAX_ROWS:
+            hidden = self.fused_decode.forward(self.model.embed_tokens(inputs.input_ids), inputs.positions,
+                                               meta.slot_mapping, meta.decode_block_table, meta.decode_seq_lens)
+        elif self.compiled_decode is not None and decode_only:
             hidden = self.compiled_decode(inputs.input_ids, inputs.positions, self.kv_caches, meta.slot_mapping,
                                           meta.decode_block_table, meta.decode_seq_lens)
         else:

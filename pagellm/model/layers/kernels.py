@@ -7,6 +7,7 @@ compiler is available, or PAGELLM_KERNELS=torch, every caller keeps its pure-tor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "paged_decode.cpp", "quant_gemv.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "paged_decode.cpp", "quant_gemv.cpp",
+                                                                   "decode_stack.cpp")]
 _module = None
 _failed = False
 
@@ -32,8 +34,12 @@ def load_kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        # NOTE: torch's loader rebuilds when a source or a flag changes, not a header: the header's
+        # hash goes into the flags
+        header = hashlib.sha1(_SOURCES[0].with_name("kernels.h").read_bytes()).hexdigest()[:12]
         _module = load("pagellm_kernels", sources=[str(s) for s in _SOURCES],
-                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                       extra_include_paths=[str(_SOURCES[0].parent)],
+                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DPAGELLM_HEADER={header}"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a build error: the torch path still works
         logger.warning("C++ kernels unavailable (%s: %s); using the torch paths", type(exc).__name__, exc)

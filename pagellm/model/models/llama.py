@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagellm.model.layers.attention import AttentionMetadata, packed_causal_metadata, paged_attention
+from pagellm.model.layers.kernels import load_kernel
 from pagellm.model.layers.linear import Linear
 from pagellm.model.layers.norm import RMSNorm
 from pagellm.model.layers.quant import QuantizedLinear, QuantizedWeight, cat_rows, quantize
@@ -127,6 +128,30 @@ class LlamaForCausalLM(nn.Module):
                                  decode_block_table=block_table, decode_seq_lens=seq_lens)
         return self.forward(input_ids, positions, kv_caches, meta)
 
+    def fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The decoder layers as one C++ call for decode-only steps (csrc/decode_stack.cpp), or None.
+
+        None where it does not apply: no C++ kernels, activations other than float32, or a layer
+        that is not a plain (Quantized)Linear (e.g. wrapped by LoRA). The stack holds this model's
+        own weight and cache tensors, so build it after the weights are loaded.
+        """
+        kernel = load_kernel()
+        if kernel is None or self.embed_tokens.weight.dtype != torch.float32:
+            return None
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        stack = kernel.DecodeStack(self.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                   mlp.intermediate_size, self.layers[0].input_layernorm.eps, attn.scale,
+                                   self.rotary.cos, self.rotary.sin)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            projections = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj]
+            specs = [_stack_weights(p) for p in projections]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(s is None for s in specs) or any(w.dtype != torch.float32 for w in norms):
+                return None
+            stack.add_layer(*norms, [s[0] for s in specs], [t for s in specs for t in s[1]], k_cache, v_cache)
+        return stack
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_rows, hidden] -> float32 logits [num_rows, vocab]."""
         return self.lm_head(self.norm(hidden)).float()
@@ -197,6 +222,27 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(n for n in expected if n not in loaded and n not in fused_done)
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {missing[:8]}{'...' if len(missing) > 8 else ''}")
+
+
+_STACK_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2, "int4": 3}
+
+
+def _stack_weights(proj: nn.Module) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, [weight, scales, mins, bias]) of a projection for DecodeStack.add_layer; None if unsupported."""
+    empty = torch.empty(0)
+    bias = empty if proj.bias is None else proj.bias.detach()
+    if bias.numel() and bias.dtype != torch.float32:
+        return None
+    if type(proj) is QuantizedLinear:
+        mins = proj.mins if proj.scheme == "int4" else empty
+        return _STACK_KINDS[proj.scheme], [proj.qweight, proj.scales, mins, bias]
+    if type(proj) is Linear:
+        # a bf16 model computing in float32 keeps a bf16 copy for few-row matmuls (Linear.pack)
+        weight = proj.gemv_weight if proj.gemv_weight is not None else proj.weight.detach()
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return _STACK_KINDS[str(weight.dtype).removeprefix("torch.")], [weight.contiguous(), empty, empty, bias]
+    return None
 
 
 def _as_quantized(tensor: torch.Tensor | QuantizedWeight, scheme: str) -> QuantizedWeight:

@@ -1,4 +1,5 @@
-// Few-row matmuls (decode) against packed weight-only int8 and int4 weights, float32 activations.
+// Few-row matmuls (decode) against float32, bfloat16 and packed weight-only int8/int4 weights, float32
+// activations.
 //
 // A decode step multiplies 1-4 activation rows by every weight once, so it is bound by weight bytes:
 // reading int8 or 4-bit codes instead of floats is the whole gain. Each output channel's codes are read
@@ -9,12 +10,14 @@
 // int4: per group g of 32 inputs, w[n, k] = scale[n, g] * c + min[n, g], with c in 0..15; byte j of a
 //       group's 16 bytes holds c for input j (low nibble) and input j + 16 (high nibble), as in GGUF.
 //       So out[m, n] = sum_g scale[n, g] * dot(x[m, g], c[n, g]) + min[n, g] * sum(x[m, g]).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PAGELLM_AVX2 1
@@ -73,6 +76,21 @@ void int4_rows(const float* x, const float* xsum, const uint8_t* q, const float*
         }
       }
       for (int m = 0; m < M; ++m) out[m * N + n] = acc[m];
+    }
+  });
+}
+
+template <int M, typename T>
+void dense_rows(const float* x, const T* w, float* out, int64_t N, int64_t K) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = w + n * K;
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += xm[k] * static_cast<float>(row[k]);
+        out[m * N + n] = s;
+      }
     }
   });
 }
@@ -141,10 +159,43 @@ void int4_rows_avx2(const float* x, const float* /*xsum*/, const uint8_t* q, con
     }
   });
 }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// float32 / bfloat16 weights; K need not be a multiple of 32 (a scalar tail)
+template <int M, typename T>
+void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t K) {
+  const int64_t K32 = K - K % kGroup;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* row = w + n * K;
+      __m256 acc[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+      for (int64_t k0 = 0; k0 < K32; k0 += kGroup) {
+        __m256 wv[4] = {load8(row + k0), load8(row + k0 + 8), load8(row + k0 + 16), load8(row + k0 + 24)};
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + k0;
+          for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(wv[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        float s = hsum(sum4(acc[m]));
+        for (int64_t k = K32; k < K; ++k) s += x[m * K + k] * static_cast<float>(row[k]);
+        out[m * N + n] = s;
+      }
+    }
+  });
+}
 #define INT8_ROWS int8_rows_avx2
+#define DENSE_ROWS dense_rows_avx2
 #define INT4_ROWS int4_rows_avx2
 #else
 #define INT8_ROWS int8_rows
+#define DENSE_ROWS dense_rows
 #define INT4_ROWS int4_rows
 #endif
 
@@ -169,6 +220,70 @@ void check_x(const torch::Tensor& x, int64_t K) {
 
 }  // namespace
 
+namespace pagellm {
+
+// Each chunk of up to 8 rows reads every weight once.
+void f32_matmul(const float* x, int64_t M, const float* w, float* out, int64_t N, int64_t K) {
+  for (int64_t r = 0; r < M; r += kMaxRows) {
+    DISPATCH_ROWS(std::min(kMaxRows, M - r), DENSE_ROWS, x + r * K, w, out + r * N, N, K);
+  }
+}
+
+void bf16_matmul(const float* x, int64_t M, const at::BFloat16* w, float* out, int64_t N, int64_t K) {
+  for (int64_t r = 0; r < M; r += kMaxRows) {
+    DISPATCH_ROWS(std::min(kMaxRows, M - r), DENSE_ROWS, x + r * K, w, out + r * N, N, K);
+  }
+}
+
+void int8_matmul(const float* x, int64_t M, const int8_t* q, const float* scales, float* out, int64_t N,
+                 int64_t K) {
+  for (int64_t r = 0; r < M; r += kMaxRows) {
+    DISPATCH_ROWS(std::min(kMaxRows, M - r), INT8_ROWS, x + r * K, q, scales, out + r * N, N, K);
+  }
+}
+
+void int4_matmul(const float* x, int64_t M, const uint8_t* q, const float* scales, const float* mins, float* out,
+                 int64_t N, int64_t K) {
+  const int64_t groups = K / kGroup;
+  std::vector<float> xsum(M * groups, 0.f);  // per-group input sums (the scalar kernel's min term)
+#ifndef PAGELLM_AVX2
+  for (int64_t i = 0; i < M * groups; ++i)
+    for (int64_t j = 0; j < kGroup; ++j) xsum[i] += x[i * kGroup + j];
+#endif
+  for (int64_t r = 0; r < M; r += kMaxRows) {
+    DISPATCH_ROWS(std::min(kMaxRows, M - r), INT4_ROWS, x + r * K, xsum.data() + r * groups, q, scales, mins,
+                  out + r * N, N, K);
+  }
+}
+
+void rms_norm_rows(const float* x, const float* weight, float* out, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; ++m) {  // NOTE: no threads: a row is a few hundred floats
+    const float* row = x + m * H;
+    float ss = 0.f;
+    for (int64_t h = 0; h < H; ++h) ss += row[h] * row[h];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t h = 0; h < H; ++h) out[m * H + h] = row[h] * r * weight[h];
+  }
+}
+
+}  // namespace pagellm
+
+// x [M, K] float32, w [N, K] float32 or bfloat16 -> [M, N] float32
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be [M, K] float32");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "w must be contiguous [N, K]");
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  if (w.scalar_type() == torch::kFloat) {
+    pagellm::f32_matmul(x.data_ptr<float>(), x.size(0), w.data_ptr<float>(), out.data_ptr<float>(), w.size(0),
+                        w.size(1));
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "w must be float32 or bfloat16");
+    pagellm::bf16_matmul(x.data_ptr<float>(), x.size(0), w.data_ptr<at::BFloat16>(), out.data_ptr<float>(),
+                         w.size(0), w.size(1));
+  }
+  return out;
+}
+
 // x [M, K] float32, q [N, K] int8, scales [N] float32 -> [M, N] float32
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
   const int64_t N = q.size(0), K = q.size(1);
@@ -176,11 +291,8 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   TORCH_CHECK(q.scalar_type() == torch::kChar && q.is_contiguous(), "q must be contiguous int8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.numel() == N, "scales must be [N] float32");
   auto out = torch::empty({x.size(0), N}, x.options());
-  for (int64_t r = 0; r < x.size(0); r += kMaxRows) {  // chunks of up to 8 rows share each weight read
-    const int64_t rows = std::min(kMaxRows, x.size(0) - r);
-    DISPATCH_ROWS(rows, INT8_ROWS, x.data_ptr<float>() + r * K, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
-                  out.data_ptr<float>() + r * N, N, K);
-  }
+  pagellm::int8_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                       out.data_ptr<float>(), N, K);
   return out;
 }
 
@@ -193,14 +305,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
               "scales must be [N, K / 32] float32");
   TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous() && mins.numel() == N * K / kGroup,
               "mins must be [N, K / 32] float32");
-  auto xsum = x.view({x.size(0), K / kGroup, kGroup}).sum(-1).contiguous();  // [M, groups]
   auto out = torch::empty({x.size(0), N}, x.options());
-  for (int64_t r = 0; r < x.size(0); r += kMaxRows) {
-    const int64_t rows = std::min(kMaxRows, x.size(0) - r);
-    DISPATCH_ROWS(rows, INT4_ROWS, x.data_ptr<float>() + r * K, xsum.data_ptr<float>() + r * (K / kGroup),
-                  q.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(),
-                  out.data_ptr<float>() + r * N, N, K);
-  }
+  pagellm::int4_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                       mins.data_ptr<float>(), out.data_ptr<float>(), N, K);
   return out;
 }
 
@@ -236,17 +343,8 @@ torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tens
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x must be [M, H] float32");
   TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.numel() == x.size(1), "weight must be [H] float32");
-  const int64_t M = x.size(0), H = x.size(1);
   auto out = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {  // NOTE: no threads: a row is a few hundred floats
-    const float* row = xp + m * H;
-    float ss = 0.f;
-    for (int64_t h = 0; h < H; ++h) ss += row[h] * row[h];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
-    for (int64_t h = 0; h < H; ++h) op[m * H + h] = row[h] * r * wp[h];
-  }
+  pagellm::rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1),
+                         static_cast<float>(eps));
   return out;
 }
