@@ -10,6 +10,7 @@ import torch
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.quant import QuantizedWeight, quantize_int8
+from pagellm.model.loader.decoder_config import DecoderConfig
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
@@ -59,7 +60,7 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class GGUFCheckpoint:
-    """An opened GGUF file: its HF-style config and its tensors."""
+    """An opened GGUF file: its config (HF names and defaults) and its tensors."""
 
     def __init__(self, path: str | Path) -> None:
         import gguf
@@ -84,9 +85,7 @@ class GGUFCheckpoint:
                 )
         self.config = self._build_config()
 
-    def _build_config(self):
-        from transformers import LlamaConfig, Qwen2Config
-
+    def _build_config(self) -> DecoderConfig:
         r, a = self.reader, self.arch
         names = {t.name for t in r.tensors}
         tokens = r.fields.get("tokenizer.ggml.tokens")
@@ -98,7 +97,9 @@ class GGUFCheckpoint:
         scaling_type = _field(r, f"{a}.rope.scaling.type")
         if scaling_type == "linear":
             rope.update(rope_type="linear", factor=float(_field(r, f"{a}.rope.scaling.factor")))
-        kwargs = dict(
+        return DecoderConfig.from_dict(dict(
+            architectures=[SUPPORTED_ARCHS[a]],
+            model_type=a,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(_field(r, f"{a}.feed_forward_length")),
@@ -112,11 +113,7 @@ class GGUFCheckpoint:
             tie_word_embeddings="output.weight" not in names,
             bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
-        )
-        cls = LlamaConfig if a == "llama" else Qwen2Config
-        config = cls(**kwargs)
-        config.architectures = [SUPPORTED_ARCHS[a]]
-        return config
+        ))
 
     def _permuted_heads(self, name: str) -> int | None:
         """The head count to undo llama.cpp's q/k row permutation with, for a llama q/k weight; else None."""

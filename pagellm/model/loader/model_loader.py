@@ -14,7 +14,7 @@ from pagellm.errors import InvalidRequest
 from pagellm.model.layers.linear import pack_linears
 from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint
-from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
+from pagellm.model.loader.hf_loader import iter_safetensors, load_config
 from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
 from pagellm.model.models.registry import get_model_class
 
@@ -113,7 +113,7 @@ def _cached_gguf(source: ModelSource, kind: str, convert):
     """
     cache = gguf_cache_dir(source.path, kind)
     if (cache / "model.safetensors").is_file():
-        return load_hf_config(cache), _load_packed(cache / "model.safetensors")
+        return load_config(cache), _load_packed(cache / "model.safetensors")
     ckpt = GGUFCheckpoint(source.path)
     weights = dict(convert(ckpt))
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
@@ -173,10 +173,10 @@ def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
 
 
 def checkpoint_weights(source: ModelSource):
-    """(HF config, iterator of HF-named tensors) of an HF folder or a GGUF file."""
+    """(config, iterator of HF-named tensors) of an HF folder or a GGUF file."""
     if source.format == "gguf":
         return _gguf_weights(source)
-    return load_hf_config(source.path), iter_safetensors(source.path)
+    return load_config(source.path), iter_safetensors(source.path)
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> torch.nn.Module:
