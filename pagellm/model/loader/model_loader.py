@@ -9,6 +9,7 @@ from functools import cache
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.linear import pack_linears
@@ -153,6 +154,25 @@ def resolve_quantization(source: ModelSource, quantization: str | None, dtype: s
     return quantization
 
 
+# torch.nn.init's in-place fills (each dispatches to torch function modes under its own name)
+_INIT_FILLS = tuple(getattr(torch.nn.init, name) for name in (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+    "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_"))
+
+
+class _SkipInitFills(TorchFunctionMode):
+    """Turns the torch.nn.init fills into no-ops while modules are built on "meta", where there is nothing to fill.
+
+    NOTE: not only wasted work: on "meta", normal_ (nn.Embedding's init) runs torch's reference
+    implementation, whose first call imports torch._dynamo: about 1 s of every start (measured).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
                       quantization: str | None = None) -> torch.nn.Module:
     """Build on "meta" (no init cost), then materialize uninitialized CPU storage in `dtype`.
@@ -163,11 +183,14 @@ def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInitFills():
             model = cls(config)
             if quantization is not None:
                 replace_linears(model, quantization, dtype)
-        return model.to_empty(device="cpu")
+        # NOTE: Module.to_empty's empty_like of a meta tensor runs torch's reference implementation, which
+        # imports sympy (~0.5 s); a plain empty of the same shape and dtype is the same storage (meta tensors
+        # built here are contiguous)
+        return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
     finally:
         torch.set_default_dtype(default_dtype)
 
