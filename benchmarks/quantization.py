@@ -65,13 +65,13 @@ def write_dequantized_folder(path: str) -> None:
 
     from pagellm.model.loader.model_loader import checkpoint_weights
     from pagellm.model.loader.resolve import resolve_model
-    from pagellm.tokenizer import load_tokenizer
+    from pagellm.tokenizer import load_hf_tokenizer
 
     source = resolve_model(None)
     config, weights = checkpoint_weights(source)
     config.save_pretrained(path)
     save_file({n: t.to(torch.bfloat16).contiguous() for n, t in weights}, f"{path}/model.safetensors")
-    load_tokenizer(source).save_pretrained(path)
+    load_hf_tokenizer(source).save_pretrained(path)
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:

@@ -11,12 +11,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pagellm.model.loader.resolve import resolve_model  # noqa: E402
-from pagellm.tokenizer import load_tokenizer  # noqa: E402
+from pagellm.tokenizer import load_hf_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
-    return load_tokenizer(resolve_model(None))
+    return load_hf_tokenizer(resolve_model(None))
 
 
 def _save_tiny(path, config, tokenizer) -> str:

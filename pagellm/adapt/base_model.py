@@ -101,9 +101,9 @@ def load_config(base: BaseModel, labels: list[str] | None, dropout: float | None
 
 def load_training_tokenizer(base: BaseModel) -> Any:
     """The model's tokenizer (pagellm's, so GGUF tokenizers match the engine), set to pad on the right."""
-    from pagellm.tokenizer import load_tokenizer
+    from pagellm.tokenizer import load_hf_tokenizer
 
-    tokenizer = load_tokenizer(base.source)
+    tokenizer = load_hf_tokenizer(base.source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding only; pads never get loss or attention
     tokenizer.padding_side = "right"  # NOTE: left padding would shift Llama's positions vs the engine

@@ -28,7 +28,7 @@ from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
 from pagellm.model.models.registry import get_pooling_model_class
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
 from pagellm.pooling_params import PoolerConfig
-from pagellm.tokenizer import load_tokenizer
+from pagellm.tokenizer import load_hf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class PoolingEngine:
         self.dtype = compute_dtype_for(resolve_dtype(model_config.dtype))
         hf_config = load_hf_config(self.source.path)
         model_cls = get_pooling_model_class(getattr(hf_config, "architectures", None), task)
-        self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
+        self.tokenizer = load_hf_tokenizer(self.source, model_config.tokenizer)
         self.model = load_encoder(model_cls, hf_config, self.source, self.dtype)
         self.max_model_len = self._max_model_len(hf_config, model_config.max_model_len)
         self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.model_loader import checkpoint_weights
 from pagellm.model.loader.resolve import resolve_model
-from pagellm.tokenizer import load_tokenizer
+from pagellm.tokenizer import load_hf_tokenizer
 
 _LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
@@ -72,5 +72,5 @@ def prune_layers(model: str | None, drop_layers: str, out: str, dtype: str = "bf
     config.torch_dtype = dtype
     config.save_pretrained(str(out_dir))
     save_file(tensors, str(out_dir / "model.safetensors"))
-    load_tokenizer(source).save_pretrained(str(out_dir))
+    load_hf_tokenizer(source).save_pretrained(str(out_dir))
     return PruneResult(out_dir, kept, sum(t.numel() for t in tensors.values()))

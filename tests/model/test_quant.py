@@ -170,7 +170,7 @@ def test_quantized_engine_greedy_equals_transformers_on_dequantized_weights(sche
     prompts = ["Once upon a time", "The capital of France is", "1 2 3 4"]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([tok(prompt).input_ids])
+        ids = torch.tensor([tok.encode(prompt)])
         expected = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)[0, ids.shape[1]:]
         assert out.outputs[0].token_ids == expected.tolist(), prompt
 

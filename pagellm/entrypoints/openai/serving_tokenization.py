@@ -53,7 +53,8 @@ class OpenAIServingTokenization(OpenAIServing):
     def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's class, special tokens and chat template, as vLLM's /tokenizer_info returns them."""
         tok = self.tokenizer
-        info: dict[str, Any] = {"tokenizer_class": type(tok).__name__}
+        # NOTE: a LiteTokenizer names the class transformers would load (tokenizer_config.json's)
+        info: dict[str, Any] = {"tokenizer_class": getattr(tok, "tokenizer_class", None) or type(tok).__name__}
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = getattr(tok, name, None)
             info[name] = None if value is None else str(value)
