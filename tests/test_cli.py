@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from pagellm import LLM, SamplingParams
 
 
@@ -40,3 +42,25 @@ def test_missing_model_is_a_clear_error(tmp_path):
     proc = _cli("generate", "--model", str(tmp_path / "nope"), "hi")
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "never downloads" in proc.stderr
+
+
+# Run in a fresh interpreter: generate (chat template, tokenize, one step, detokenize), then report the
+# heavy modules that startup must not pay for.
+_GENERATE_AND_LIST_MODULES = """
+import sys
+from pagellm.entrypoints.cli import main
+assert main(sys.argv[1:]) == 0
+heavy = ("transformers", "torch._dynamo", "sympy", "fastapi", "uvicorn")
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m == "torch._dynamo"))
+"""
+
+
+@pytest.mark.parametrize("bundled", [False, True], ids=["tiny-hf-folder", "bundled-gguf"])
+def test_generate_never_imports_transformers(tiny_llama_dir, bundled_tokenizer, bundled):
+    # NOTE: bundled_tokenizer has converted (and cached) the GGUF tokenizer: a warm start
+    model = [] if bundled else ["--model", tiny_llama_dir]
+    proc = subprocess.run([sys.executable, "-c", _GENERATE_AND_LIST_MODULES, "generate", *model, "--max-tokens", "2",
+                           "--temperature", "0", "What is the capital of France?"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout

@@ -2,12 +2,12 @@
 
 Each writes `<out-dir>/<mode>.json` and a PNG plot next to it. These measure pagellm alone; the
 side-by-side baselines (HF transformers in the same run) are in benchmarks/.
+NOTE: the CLI imports this module for its parser on every command, so heavy imports live in the functions.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import statistics
@@ -15,8 +15,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 PROMPT_LEN, GEN_LEN = 256, 128
 
@@ -50,6 +48,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def bench_latency(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str, Any]:
     """W1: one request at a time; TTFT, inter-token latency percentiles, decode tokens/s."""
+    from tqdm.auto import tqdm
+
     from pagellm import LLM, SamplingParams
 
     llm = LLM(**{**engine_kw, "max_num_seqs": 1})
@@ -74,6 +74,8 @@ def bench_latency(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[s
 
 def bench_throughput(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str, Any]:
     """W2: offline batches; output tokens/s per batch size."""
+    from tqdm.auto import tqdm
+
     from pagellm import LLM, SamplingParams
 
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -92,6 +94,8 @@ def bench_throughput(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dic
 
 
 async def _serve_point(url: str, model: str, prompts: list[list[int]], concurrency: int, output_len: int) -> dict:
+    import asyncio
+
     import httpx
 
     window = asyncio.Semaphore(concurrency)
@@ -120,9 +124,11 @@ async def _serve_point(url: str, model: str, prompts: list[list[int]], concurren
 
 def bench_serve(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str, Any]:
     """W3: the OpenAI server in this process, streaming clients at each concurrency level."""
+    import asyncio
     import socket
 
     import uvicorn
+    from tqdm.auto import tqdm
 
     from pagellm.entrypoints.openai.api_server import GracefulServer, build_app, build_async_llm
     from pagellm.entrypoints.openai.serving_engine import ServerState

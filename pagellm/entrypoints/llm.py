@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.label_scorer import LabelScorer, score_with_engine
@@ -169,6 +167,8 @@ class LLM:
         return self._run_engine(ids, use_tqdm)
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm  # NOTE: here, not at the top: ~35 ms of `pagellm generate`'s start
+
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
