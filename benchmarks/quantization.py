@@ -1,10 +1,14 @@
 """Accuracy of packed int8/int4 weights against bf16, on the bundled SmolLM2, in one run.
 
 For each scheme, in its own process: perplexity on the fixed English text (benchmarks/common.py:
-the committed sentiment sample), greedy outputs of 6 prompts x 48 tokens compared with bf16, the
-packed weight bytes, load time and peak RSS. Schemes:
+the committed sentiment sample), both through prefill (windows of 512 tokens, the path of long
+prompts) and through decode (the first DECODE_TOKENS tokens fed one per step, teacher-forced: the
+path, and the kernels, that generate text), greedy outputs of 6 prompts x 48 tokens compared with
+bf16, the packed weight bytes, load time and peak RSS. Schemes:
   bf16         the GGUF dequantized to bfloat16 values (the reference)
-  int4-gguf    the GGUF's own Q4_1 blocks, kept packed (the default: --quantization auto)
+  int4-gguf    the GGUF's own Q4_1 blocks, kept packed (the default: --quantization auto); its
+               few-row kernel quantizes activations to int8 per 32-wide block (as llama.cpp does)
+  int4-gguf-float-act  the same with float activations (PAGELLM_INT4_ACT=float)
   int8         bf16 weights quantized per channel by pagellm
   int4         bf16 weights quantized in groups of 32 by pagellm
 The last two start from an HF folder of the dequantized model, so pagellm's own quantizers run.
@@ -14,6 +18,7 @@ Usage: python benchmarks/quantization.py [--out FILE]
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,9 +35,11 @@ PROMPTS = [
     "The stock market today",
 ]
 GEN_LEN = 48
+DECODE_TOKENS = 1024
 SCHEMES = {  # name -> (source, LLM keyword arguments)
     "bf16": ("gguf", {"dtype": "bfloat16", "quantization": "none"}),
     "int4-gguf": ("gguf", {"quantization": "auto"}),
+    "int4-gguf-float-act": ("gguf", {"quantization": "auto"}),
     "int8": ("folder", {"dtype": "bfloat16", "quantization": "int8"}),
     "int4": ("folder", {"dtype": "bfloat16", "quantization": "int4"}),
 }
@@ -44,18 +51,45 @@ def measure(scheme: str, folder: str) -> dict:
     from pagellm.model.layers.quant import QuantizedLinear
 
     source, kwargs = SCHEMES[scheme]
+    if scheme.endswith("-float-act"):
+        os.environ["PAGELLM_INT4_ACT"] = "float"  # read by the C++ int4 kernel on each call
     start = time.perf_counter()
     llm = LLM(folder if source == "folder" else None, max_num_seqs=8, **kwargs)
     load_s = time.perf_counter() - start
     model = llm.llm_engine.model
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     ppl = perplexity(llm, fixed_text(), window=512)
+    decode_ppl = decode_perplexity(llm, fixed_text(), DECODE_TOKENS)
     outs = llm.chat([[{"role": "user", "content": p}] for p in PROMPTS],
                     SamplingParams(temperature=0, max_tokens=GEN_LEN), use_tqdm=False)
     return {"quantization": model.quantization, "load_s": load_s, "perplexity": ppl.perplexity,
-            "num_tokens": ppl.num_tokens, "greedy": [o.outputs[0].token_ids for o in outs],
+            "num_tokens": ppl.num_tokens, "decode_perplexity": decode_ppl,
+            "greedy": [o.outputs[0].token_ids for o in outs],
             "texts": [o.outputs[0].text for o in outs],
             "packed_weight_mib": sum(m.weight_bytes() for m in linears) / 2**20, "peak_rss_mib": peak_rss_mib()}
+
+
+def decode_perplexity(llm, text: str, num_tokens: int) -> float:
+    """Perplexity of the text's first tokens, each fed as a one-token decode step (what generation runs)."""
+    import math
+
+    import torch
+
+    runner = llm.llm_engine.core.runner
+    model, block_size = runner.model, runner.block_size
+    ids = llm.get_tokenizer().encode(text)[:num_tokens]
+    table = torch.arange(-(-len(ids) // block_size)).view(1, -1)
+    nll = 0.0
+    with torch.inference_mode():
+        for t in range(len(ids) - 1):
+            token, pos, seq_len = torch.tensor([ids[t]]), torch.tensor([t]), torch.tensor([t + 1])
+            blocks = table[:, : t // block_size + 1].contiguous()
+            if runner.fused_decode is not None:
+                hidden = runner.fused_decode.forward(model.embed_tokens(token), pos, pos, blocks, seq_len)
+            else:
+                hidden = model.decode_forward(token, pos, runner.kv_caches, pos, blocks, seq_len)
+            nll -= torch.log_softmax(model.compute_logits(hidden)[0], -1)[ids[t + 1]].item()
+    return math.exp(nll / (len(ids) - 1))
 
 
 def write_dequantized_folder(path: str) -> None:
@@ -104,6 +138,7 @@ def main() -> None:
     for scheme in SCHEMES:
         r = result[scheme]
         r["perplexity_vs_bf16"] = r["perplexity"] / ref["perplexity"]
+        r["decode_perplexity_vs_bf16"] = r["decode_perplexity"] / ref["decode_perplexity"]
         r["greedy_vs_bf16"] = agreement(r["greedy"], ref["greedy"])
     result["load_avg_after"] = load_average()
     write_result("quantization", result, args.out)

@@ -62,9 +62,10 @@ def test_int4_packing_is_two_codes_per_byte_and_reversible():
 @pytest.mark.parametrize("kernels", ["cpp", "torch"])
 def test_quantized_linear_matches_its_dequantized_weight(scheme, rows, kernels, monkeypatch):
     """The packed kernels (few rows; C++ or torch's fallback) and the dequantize path (many rows)
-    all equal x @ W_deq.T + b."""
+    all equal x @ W_deq.T + b (int4 with float activations: PAGELLM_INT4_ACT=float)."""
     import pagellm.model.layers.quant as quant
 
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "float")
     if kernels == "torch":
         monkeypatch.setattr(quant, "load_kernel", lambda: None)
     elif quant.load_kernel() is None:
@@ -83,6 +84,43 @@ def test_quantized_linear_matches_its_dequantized_weight(scheme, rows, kernels, 
     else:  # torch's int8 kernel takes bf16 activations: an error of ~2^-8 relative to |x| |w|
         torch.testing.assert_close(layer(x), ref, atol=2e-2, rtol=1e-2)
     assert layer.weight_bytes() < w.numel() * 2  # smaller than bf16
+
+
+def _q8_reference(x: torch.Tensor, qw) -> torch.Tensor:
+    """int4 weights times activations quantized to int8 per 32-input block, in torch."""
+    rows, groups = x.shape[0], x.shape[1] // 32
+    blocks = x.view(rows, groups, 32)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(blocks * inv.unsqueeze(-1))
+    codes = qw.qweight.view(qw.shape[0], groups, 32).float()
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), codes.double())  # exact integers
+    scale = qw.scales.view(qw.shape[0], groups).double()
+    mins = qw.mins.view(qw.shape[0], groups).double()
+    out = (dots * (scale.unsqueeze(0) * d.double().unsqueeze(1))).sum(-1) + blocks.double().sum(-1) @ mins.T
+    return out.float()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 40])
+def test_int4_kernel_quantizes_activations_like_q8(rows, monkeypatch):
+    """The default int4 kernel: int8 activations per 32-wide block (llama.cpp's Q4 x Q8), integer
+    dot products. It equals that computation done in torch, and stays within ~1% of float."""
+    from pagellm.model.layers.kernels import load_kernel
+
+    if load_kernel() is None:
+        pytest.skip("C++ kernels unavailable (no compiler)")
+    monkeypatch.delenv("PAGELLM_INT4_ACT", raising=False)
+    qw = quantize(_weight(), "int4")
+    layer = QuantizedLinear(128, 96, bias=False, scheme="int4")
+    layer.set_weight(qw)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
+    with torch.inference_mode():  # NOTE: with autograd on, the layer runs the float dequantize path
+        got = layer(x)
+    torch.testing.assert_close(got, _q8_reference(x, qw), atol=1e-4, rtol=1e-4)
+    exact = F.linear(x, qw.dequantize())
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    assert not torch.equal(got, exact)
 
 
 def test_cat_rows_stacks_fused_projections():
@@ -134,12 +172,13 @@ def _reference_on_dequantized(path: str, model):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_quantized_model_matches_transformers_on_its_dequantized_weights(scheme, fixture, request):
+def test_quantized_model_matches_transformers_on_its_dequantized_weights(scheme, fixture, request, monkeypatch):
     """Prefill logits of a quantized tiny model equal transformers run on the same dequantized weights."""
     from pagellm.model.layers.attention import packed_causal_metadata
     from pagellm.model.loader.model_loader import load_model
     from pagellm.model.loader.resolve import resolve_model
 
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # the same weights, not the int8 activations
     path = request.getfixturevalue(fixture)
     model = load_model(resolve_model(path), torch.float32, scheme)
     assert model.quantization == scheme
@@ -152,15 +191,17 @@ def test_quantized_model_matches_transformers_on_its_dequantized_weights(scheme,
     with torch.inference_mode():
         hidden = model(ids[0], torch.arange(24), None, packed_causal_metadata([24]))
         theirs = ref(ids).logits[0]
-        # 24 rows: the dequantize path; 1 row: the packed kernel. Both float32 throughout.
+        # 24 rows and 1 row: the packed kernel (float activations here). Both float32 throughout.
         torch.testing.assert_close(model.compute_logits(hidden), theirs, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(model.compute_logits(hidden[-1:]), theirs[-1:], atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_engine_greedy_equals_transformers_on_dequantized_weights(scheme, tiny_llama_dir):
+def test_quantized_engine_greedy_equals_transformers_on_dequantized_weights(scheme, tiny_llama_dir, monkeypatch):
     """Batched paged decoding through the packed kernels gives transformers' greedy tokens."""
     from pagellm import LLM, SamplingParams
+
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # the same weights, not the int8 activations
 
     llm = LLM(tiny_llama_dir, dtype="float32", quantization=scheme, num_blocks=64, block_size=4)
     model = llm.llm_engine.model

@@ -12,7 +12,10 @@ pytestmark = pytest.mark.skipif(load_kernel() is None, reason="--compile needs t
 
 
 @pytest.mark.parametrize("quantization", ["int4", pytest.param("none", marks=pytest.mark.slow)])
-def test_compiled_decode_equals_eager(tiny_llama_dir, quantization):
+def test_compiled_decode_equals_eager(tiny_llama_dir, quantization, monkeypatch):
+    # int8 activations (the int4 default) turn float rounding differences between the fused eager
+    # step and inductor's code into different tokens; with float activations both must agree
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "float")
     prompts = ["Once upon a time", "The capital of France is", "1 2 3 4", "A"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     kwargs = dict(dtype="float32", quantization=quantization, num_blocks=128, block_size=4, max_num_seqs=4)

@@ -22,10 +22,10 @@ from pagellm.model.layers.kernels import load_kernel
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 blocks are 32 wide: their weights load as they are
-# Calls with at most this many rows take the packed kernel (which walks the weight once per 8 rows);
-# above, dequantize + float32 matmul. Measured crossovers (benchmarks/linear_kernels.py): int8 ~100
-# rows, int4 ~40-60 (its C++ dequantization costs ~1 ms a layer).
-KERNEL_MAX_ROWS = {"int8": 96, "int4": 48}
+# Calls with at most this many rows take the packed kernel; above, dequantize + float32 matmul.
+# Measured crossovers (benchmarks/linear_kernels.py): int8 ~100 rows; int4 (int8 activations, integer
+# dot products, 16-channel tiles read once for all rows) ~100-150 rows.
+KERNEL_MAX_ROWS = {"int8": 96, "int4": 96}
 
 
 @dataclass

@@ -10,6 +10,8 @@ namespace pagellm {
 void f32_matmul(const float* x, int64_t M, const float* w, float* out, int64_t N, int64_t K);
 void bf16_matmul(const float* x, int64_t M, const at::BFloat16* w, float* out, int64_t N, int64_t K);
 void int8_matmul(const float* x, int64_t M, const int8_t* q, const float* scales, float* out, int64_t N, int64_t K);
+// int4: the activations are quantized to int8 per 32-input block first (as llama.cpp does for its Q4
+// formats), so the inner products are integer work; see quant_gemv.cpp
 void int4_matmul(const float* x, int64_t M, const uint8_t* q, const float* scales, const float* mins, float* out,
                  int64_t N, int64_t K);
 void rms_norm_rows(const float* x, const float* weight, float* out, int64_t M, int64_t H, float eps);
