@@ -9,7 +9,7 @@ import torch
 
 from pagellm.model.loader.decoder_config import DecoderConfig
 from pagellm.model.loader.hf_loader import load_config, load_hf_config
-from pagellm.model.loader.model_loader import _gguf_packed_weights
+from pagellm.model.loader.model_loader import GGUF_PACKED_KIND, _gguf_packed_weights
 from pagellm.model.loader.resolve import resolve_model
 from pagellm.model.models.llama import rope_settings
 from pagellm.model.models.registry import get_model_class
@@ -84,7 +84,7 @@ def test_bundled_gguf_config_reads_as_transformers_reads_it():
     assert isinstance(config, DecoderConfig)
     from pagellm.model.loader.resolve import gguf_cache_dir
 
-    assert_same_model_view(config, load_hf_config(gguf_cache_dir(source.path, "gguf-packed-v1")))
+    assert_same_model_view(config, load_hf_config(gguf_cache_dir(source.path, GGUF_PACKED_KIND)))
     assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (576, 3, True)
 
 

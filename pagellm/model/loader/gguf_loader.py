@@ -1,4 +1,4 @@
-"""GGUF files: config from metadata, tensors dequantized with the gguf package, HF names."""
+"""GGUF files: config from metadata, tensors dequantized with the gguf package or packed from their blocks, HF names."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from pagellm.model.layers.quant import QuantizedWeight, quantize_int8
 from pagellm.model.loader.decoder_config import DecoderConfig
 
 SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+SUPPORTED_QUANTS = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
+# Linear weights of these types load packed (packed_weights): the 4-bit ones exactly as int4 groups of 32,
+# the others requantized to int8 per row, one matrix at a time
+INT4_TYPES = {"Q4_0", "Q4_1", "Q4_K"}
+INT8_TYPES = {"Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
+PACKED_TYPES = INT4_TYPES | INT8_TYPES
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -126,9 +131,8 @@ class GGUFCheckpoint:
         return {t.tensor_type.name for t in self.reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
 
     def packed_weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-        """Like weights(), but Q8_0/Q4_0/Q4_1 matrices come as QuantizedWeight, read from their blocks
-        without a float copy of the model: Q4_0/Q4_1 map exactly to int4 groups of 32; Q8_0 (whose
-        per-block scales torch's int8 kernel cannot take) is requantized per row, one matrix at a time."""
+        """Like weights(), but the matrices of PACKED_TYPES come as QuantizedWeight, read from their
+        blocks one matrix at a time, without a float copy of the model (see decode_blocks)."""
         for t in self.reader.tensors:
             if not _packable(t):
                 continue
@@ -158,7 +162,14 @@ class GGUFCheckpoint:
             yield name, torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
 
 
-PACKED_TYPES = {"Q8_0", "Q4_0", "Q4_1"}
+def packed_scheme(types: set[str]) -> str | None:
+    """The scheme a GGUF file whose layer weights have these types runs with under quantization "auto":
+    int4 where any is a 4-bit type (a Q4_K_M file is Q4_K with some Q6_K: the 4-bit file it was meant to
+    be), int8 where all are 5- to 8-bit types, None (float) where any has no packed form (F16...)."""
+    types = set(types) - {"F32"}
+    if not types or not types <= PACKED_TYPES:
+        return None
+    return "int4" if types & INT4_TYPES else "int8"
 
 
 def _packable(t) -> bool:
@@ -167,23 +178,27 @@ def _packable(t) -> bool:
 
 
 _BLOCK = 32
+_SUPER = 256  # a K-quant super-block: 8 sub-blocks of 32
+_Q4_K_BYTES = 2 + 2 + 12 + _SUPER // 2
+_REQUANT_CHUNK = 1 << 22  # weights dequantized at a time when requantizing to int8 (16 MiB of float32)
 
 
 def decode_blocks(blocks: np.ndarray, kind: str) -> QuantizedWeight:
-    """[rows, bytes] of GGUF Q8_0/Q4_0/Q4_1 blocks (32 weights each) -> QuantizedWeight.
+    """[rows, bytes] of GGUF blocks -> QuantizedWeight.
 
-    Q4_0 block: fp16 d, 16 bytes of nibbles, w = d * (q - 8). Q4_1: fp16 d, fp16 m, nibbles,
-    w = d * q + m. In a block, byte j holds weight j (low nibble) and weight j + 16 (high).
-    Both are the int4 form q * scale + min, with min = -8d or m.
-    Q8_0: fp16 d, 32 int8, w = d * q; requantized to one int8 scale per row.
+    Exact (int4, groups of 32, w = q * scale + min):
+      Q4_0 block: fp16 d, 16 bytes of nibbles, w = d * (q - 8). Q4_1: fp16 d, fp16 m, nibbles,
+      w = d * q + m. In a block, byte j holds weight j (low nibble) and weight j + 16 (high).
+      Both are the int4 form with min = -8d or m.
+      Q4_K: see _decode_q4_k.
+    Requantized to int8 with one scale per row (torch's int8 kernel and pagellm's take no per-block
+    scales): Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, dequantized with the gguf package a few rows at a time.
     """
+    if kind == "Q4_K":
+        return _decode_q4_k(blocks)
+    if kind in INT8_TYPES:
+        return _requantize_int8(blocks, kind)
     rows = blocks.shape[0]
-    if kind == "Q8_0":
-        b = blocks.reshape(rows, -1, 2 + _BLOCK)
-        d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))  # [rows, nblk]
-        q = torch.from_numpy(b[..., 2:].copy().view(np.int8)).float()  # [rows, nblk, 32]
-        # NOTE: the per-block grid is finer than one per-row scale; rounding q * d / s is the only loss
-        return quantize_int8((q * d.unsqueeze(-1)).view(rows, -1))
     head = 4 if kind == "Q4_1" else 2
     b = blocks.reshape(rows, -1, head + _BLOCK // 2)
     halves = b[..., :head].copy().view(np.float16).astype(np.float32)  # [rows, nblk, 1 or 2]
@@ -192,6 +207,55 @@ def decode_blocks(blocks: np.ndarray, kind: str) -> QuantizedWeight:
     nib = torch.from_numpy(b[..., head:].copy())  # [rows, nblk, 16]
     q = torch.cat([nib & 0xF, nib >> 4], dim=-1).view(rows, -1)
     return QuantizedWeight("int4", q, d, mins, _BLOCK)
+
+
+def _decode_q4_k(blocks: np.ndarray) -> QuantizedWeight:
+    """Q4_K super-blocks of 256 weights -> int4 groups of 32, exactly.
+
+    A super-block: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales sc and mins m (8 each), then
+    128 bytes of codes in 4 runs of 32 bytes: run r holds sub-block 2r in its low nibbles and sub-block
+    2r + 1 in its high ones (weight j of each at byte j). Sub-block j is w = d * sc_j * q - dmin * m_j:
+    int4 with scale d * sc_j and min -dmin * m_j (float32 products, as ggml computes them).
+    """
+    rows = blocks.shape[0]
+    b = blocks.reshape(rows, -1, _Q4_K_BYTES)
+    halves = b[..., :4].copy().view(np.float16).astype(np.float32)  # [rows, nsuper, 2]: d, dmin
+    sc, m = _k_scale_mins(b[..., 4:16])  # [rows, nsuper, 8]
+    runs = b[..., 16:].reshape(rows, -1, 4, 1, 32)
+    codes = np.concatenate([runs & 0xF, runs >> 4], axis=3)  # [rows, nsuper, run, low | high, 32]
+    scales = halves[..., :1] * sc.astype(np.float32)
+    mins = -(halves[..., 1:] * m.astype(np.float32))
+    return QuantizedWeight("int4", torch.from_numpy(codes.reshape(rows, -1)),
+                           torch.from_numpy(scales.reshape(rows, -1)), torch.from_numpy(mins.reshape(rows, -1)),
+                           _BLOCK)
+
+
+def _k_scale_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and 8 six-bit mins of K-quant super-blocks from their 12 bytes [..., 12].
+
+    Bytes 0-3: scales 0-3 in the low 6 bits, the top 2 bits of scales 4-7 above them. Bytes 4-7: the
+    same for the mins. Bytes 8-11: the low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high nibble).
+    """
+    lo_sc, lo_m, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([lo_sc & 0x3F, (rest & 0xF) | ((lo_sc >> 6) << 4)], axis=-1)
+    m = np.concatenate([lo_m & 0x3F, (rest >> 4) | ((lo_m >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+def _requantize_int8(blocks: np.ndarray, kind: str) -> QuantizedWeight:
+    """Blocks of a type without an exact packed form -> int8, one scale per row (quantize_int8).
+
+    NOTE: the only loss is rounding each weight to the row's int8 grid (at most scale / 2 = max|w| / 254);
+    float values exist for at most _REQUANT_CHUNK weights (whole rows) at a time.
+    """
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    per_row = blocks.shape[1] // gguf.GGML_QUANT_SIZES[qtype][1] * gguf.GGML_QUANT_SIZES[qtype][0]
+    step = max(1, _REQUANT_CHUNK // per_row)
+    parts = [quantize_int8(torch.from_numpy(gguf.quants.dequantize(blocks[i:i + step], qtype)))
+             for i in range(0, blocks.shape[0], step)]
+    return QuantizedWeight("int8", torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
 
 
 def unpermute_qk_rows(qw: QuantizedWeight, num_heads: int) -> QuantizedWeight:

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.linear import pack_linears
 from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
-from pagellm.model.loader.gguf_loader import GGUFCheckpoint
+from pagellm.model.loader.gguf_loader import GGUFCheckpoint, packed_scheme
 from pagellm.model.loader.hf_loader import iter_safetensors, load_config
 from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
 from pagellm.model.models.registry import get_model_class
@@ -90,13 +90,18 @@ def _load_packed(path):
                                             int(group))
 
 
+# The cache folders of GGUF conversions whose content changed: a new name misses the old entries.
+# v2: K-quant (Q4_K exact as int4; Q5_K/Q6_K/Q5_0/Q5_1 requantized to int8) files pack
+GGUF_SCHEME_KIND = "gguf-scheme-v2"
+GGUF_PACKED_KIND = "gguf-packed-v2"
+
+
 def gguf_packed_scheme(source: ModelSource) -> str | None:
-    """int4 or int8 when the GGUF file's layer weights are all Q4_0/Q4_1 or all Q8_0; else None."""
-    cache = gguf_cache_dir(source.path, "gguf-scheme")
+    """int4 or int8 when the GGUF file's layer weights can all load packed (gguf_loader.packed_scheme); else None."""
+    cache = gguf_cache_dir(source.path, GGUF_SCHEME_KIND)
     if (cache / "scheme").is_file():
         return (cache / "scheme").read_text().strip() or None
-    types = GGUFCheckpoint(source.path).linear_quant_types() - {"F32"}
-    scheme = "int4" if types and types <= {"Q4_0", "Q4_1"} else "int8" if types == {"Q8_0"} else None
+    scheme = packed_scheme(GGUFCheckpoint(source.path).linear_quant_types())
     try:
         cache.mkdir(parents=True, exist_ok=True)
         (cache / "scheme").write_text(scheme or "")
@@ -135,13 +140,14 @@ def _gguf_weights(source: ModelSource):
 
 
 def _gguf_packed_weights(source: ModelSource):
-    """Q8_0/Q4_0/Q4_1 matrices as QuantizedWeight, the rest float32."""
-    return _cached_gguf(source, "gguf-packed-v1", GGUFCheckpoint.packed_weights)
+    """Quantized matrices as QuantizedWeight (GGUFCheckpoint.packed_weights), the rest float32."""
+    return _cached_gguf(source, GGUF_PACKED_KIND, GGUFCheckpoint.packed_weights)
 
 
 def resolve_quantization(source: ModelSource, quantization: str | None, dtype: str) -> str | None:
-    """The scheme a model runs with. "auto": a Q4_0/Q4_1 (int4) or Q8_0 (int8) GGUF keeps its packed
-    weights unless a dtype was asked for explicitly; anything else runs unquantized."""
+    """The scheme a model runs with. "auto": a GGUF file of 4-bit types (Q4_0/Q4_1/Q4_K, with 5-8-bit ones
+    beside them as in Q4_K_M: int4) or of 5-8-bit ones only (Q8_0/Q6_K/Q5_K/Q5_0/Q5_1: int8) keeps its
+    packed weights unless a dtype was asked for explicitly; anything else runs unquantized."""
     if quantization in (None, "none"):
         return None
     if quantization == "auto":
