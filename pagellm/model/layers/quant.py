@@ -129,6 +129,12 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("mins", torch.empty(0))  # int4: float32 [out, groups]
         self._bf16_scales: torch.Tensor | None = None  # int8 without the C++ kernel: torch's kernel wants bf16
 
+    def keep_precision_of(self, parts: list[QuantizedWeight | torch.Tensor]) -> None:
+        """Become int8 when a packed part arrives as int8 (a 5-8 bit GGUF matrix in a 4-bit file, as
+        Q4_K_M's Q6_K ones): its extra bits are kept instead of rounded to int4 groups."""
+        if self.scheme == "int4" and any(isinstance(p, QuantizedWeight) and p.scheme == "int8" for p in parts):
+            self.scheme, self.group_size = "int8", 0
+
     def set_weight(self, qw: QuantizedWeight) -> None:
         if tuple(qw.shape) != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight {tuple(qw.shape)} != ({self.out_features}, {self.in_features})")

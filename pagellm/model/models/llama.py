@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import itemgetter
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         # QuantizedLinear weights (model loaded with quantization): set whole, fused slices stacked
         qlinears = {f"{n}.weight": m for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
-        pending: dict[str, list[tuple[int, QuantizedWeight]]] = {}
+        pending: dict[str, list[tuple[int, torch.Tensor | QuantizedWeight]]] = {}  # fused slices so far
         attn = self.layers[0].self_attn
         inter = self.layers[0].mlp.intermediate_size
         fused = {
@@ -189,13 +190,20 @@ class LlamaForCausalLM(nn.Module):
                 fused_name, offset, size = fused[parts[-2]]
                 target = ".".join(parts[:-2] + [fused_name, parts[-1]])
             if target in qlinears:
-                qw = _as_quantized(tensor, qlinears[target].scheme)
+                module = qlinears[target]
                 if offset is None:
-                    qlinears[target].set_weight(qw)
+                    module.keep_precision_of([tensor])
+                    module.set_weight(_as_quantized(tensor, module.scheme))
                     loaded.add(target)
-                else:
-                    pending.setdefault(target, []).append((offset, qw))
-                    loaded.add(f"{target}:{offset}")
+                    continue
+                parts = pending.setdefault(target, [])
+                parts.append((offset, tensor))
+                loaded.add(f"{target}:{offset}")
+                if len(parts) == (3 if target.endswith("qkv_proj.weight") else 2):  # every slice is here
+                    module.keep_precision_of([t for _, t in parts])
+                    ordered = [t for _, t in sorted(parts, key=itemgetter(0))]
+                    module.set_weight(cat_rows([_as_quantized(t, module.scheme) for t in ordered]))
+                    del pending[target]
                 continue
             if target not in params:
                 raise ValueError(f"unexpected weight {hf_name!r} (mapped to {target!r})")
@@ -211,8 +219,6 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     param[offset : offset + size].copy_(tensor)
                     loaded.add(f"{target}:{offset}")
-        for target, parts in pending.items():
-            qlinears[target].set_weight(cat_rows([qw for _, qw in sorted(parts, key=lambda p: p[0])]))
         slices: dict[str, int] = {}
         for key in loaded:
             if ":" in key:
