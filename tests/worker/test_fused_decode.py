@@ -111,7 +111,7 @@ def test_engine_greedy_and_logprobs_are_the_same_with_the_fused_stack(quantizati
             assert all(abs(lx[t] - ly[t]) < 1e-3 for t in lx)
 
 
-def test_no_fused_stack_with_lora_or_without_kernels(tiny_llama_dir, monkeypatch):
+def test_no_fused_stack_with_lora_a_float16_cache_or_without_kernels(tiny_llama_dir, monkeypatch):
     from pagellm.worker.model_runner import ModelRunner
 
     model = load_model(resolve_model(tiny_llama_dir), torch.float32)
@@ -121,3 +121,8 @@ def test_no_fused_stack_with_lora_or_without_kernels(tiny_llama_dir, monkeypatch
     llm = LLM(tiny_llama_dir, dtype="float32", enable_lora=True, num_blocks=16, block_size=4)
     runner = llm.llm_engine.core.runner
     assert isinstance(runner, ModelRunner) and runner.fused_decode is None
+    # a float16 KV cache has no stack kernel: the engine runs layer by layer and still generates
+    llm = LLM(tiny_llama_dir, dtype="float32", kv_cache_dtype="float16", num_blocks=16, block_size=4)
+    assert llm.llm_engine.core.runner.fused_decode is None
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3

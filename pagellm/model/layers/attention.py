@@ -41,6 +41,9 @@ class AttentionMetadata:
     virtual_values: torch.Tensor | None = None
 
 
+_KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel's; a float16 cache takes the torch path
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter the new keys/values [num_tokens, num_kv_heads, head_dim] into their slots."""
@@ -54,7 +57,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if torch.compiler.is_compiling():  # only the decode step is compiled, and only with the C++ kernels
         return torch.ops.pagellm.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
                                                         meta.decode_seq_lens, scale)
-    kernel = attention_kernel() if meta.decode_seq_lens is not None and q.device.type == "cpu" else None
+    kernel = None
+    if meta.decode_seq_lens is not None and q.device.type == "cpu" and k_cache.dtype in _KERNEL_CACHE_DTYPES:
+        kernel = attention_kernel()
     if kernel is not None:
         # NOTE: reads each sequence's blocks where they lie: no gather into a padded [B, L] copy
         return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,

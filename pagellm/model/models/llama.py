@@ -132,12 +132,14 @@ class LlamaForCausalLM(nn.Module):
     def fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         """The decoder layers as one C++ call for decode-only steps (csrc/decode_stack.cpp), or None.
 
-        None where it does not apply: no C++ kernels, activations other than float32, or a layer
-        that is not a plain (Quantized)Linear (e.g. wrapped by LoRA). The stack holds this model's
-        own weight and cache tensors, so build it after the weights are loaded.
+        None where it does not apply: no C++ kernels, activations other than float32, a KV cache
+        other than float32/bfloat16, or a layer that is not a plain (Quantized)Linear (e.g. LoRA).
+        The stack holds this model's own weight and cache tensors: build it after the weights load.
         """
         kernel = load_kernel()
         if kernel is None or self.embed_tokens.weight.dtype != torch.float32:
+            return None
+        if any(k.dtype not in (torch.float32, torch.bfloat16) for k, _ in kv_caches):  # e.g. a float16 cache
             return None
         attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
         stack = kernel.DecodeStack(self.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
