@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -269,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if argv is None:  # the `pagellm` program, which exits next (tests pass argv and keep their process)
+            # NOTE: interpreter shutdown runs the cyclic GC over every object torch and the model created
+            # (~0.7 s of a 4 s `pagellm generate`); frozen objects are skipped and the OS frees their memory.
+            # Refcounted frees, atexit handlers and stream flushes still run.
+            gc.freeze()
 
 
 if __name__ == "__main__":
