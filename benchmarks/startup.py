@@ -2,7 +2,8 @@
 
 Runs the CLI in fresh processes: once with pagellm's cache (~/.cache/pagellm: converted tokenizer and
 GGUF weights) in a new empty folder (a first launch), then --repeats times with it warm; also reports
-the time to import torch and transformers alone, which bounds what pagellm can reach.
+the time to import torch alone (the floor: generate needs it) and torch with transformers (what a start
+that imports transformers pays before any work).
 Usage: python benchmarks/startup.py [--repeats 3] [--args "--quantization none"]
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
            *shlex.split(args.args), "What is the capital of France?"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = {"workload": "startup", "command": " ".join(cli[1:]), "load_avg_before": load_average()}
+    result["import_torch_s"] = min(timed([sys.executable, "-c", "import torch"], env) for _ in range(args.repeats))
     result["import_torch_transformers_s"] = min(
         timed([sys.executable, "-c", "import torch, transformers"], env) for _ in range(args.repeats))
     with tempfile.TemporaryDirectory() as cache:
