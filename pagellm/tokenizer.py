@@ -32,6 +32,16 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+class _Encoding(dict):
+    """A dict whose keys read as attributes too, like transformers' BatchEncoding."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class LiteTokenizer:
     """The part of transformers' tokenizer API that the engine uses, on a `tokenizers.Tokenizer`.
 
@@ -107,6 +117,14 @@ class LiteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+        """tokenizer(text).input_ids / ["input_ids"], as with an HF tokenizer (no padding, no tensors)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        out = _Encoding(input_ids=ids if not isinstance(text, str) else ids[0])
+        out["attention_mask"] = [[1] * len(i) for i in ids] if not isinstance(text, str) else [1] * len(ids[0])
+        return out
 
     def decode(self, token_ids: int | list[int], skip_special_tokens: bool = False) -> str:
         if isinstance(token_ids, int):

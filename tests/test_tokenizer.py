@@ -117,6 +117,11 @@ def assert_same_tokens(lite, hf) -> None:
             hf.convert_ids_to_tokens(ids))
     assert lite.decode(hf.eos_token_id) == hf.decode(hf.eos_token_id)
     assert lite.convert_ids_to_tokens(hf.eos_token_id) == hf.convert_ids_to_tokens(hf.eos_token_id)
+    # called like an HF tokenizer: one text or a batch, attribute or key access
+    assert lite(TEXTS[0]).input_ids == hf(TEXTS[0]).input_ids
+    assert lite(TEXTS[:3])["input_ids"] == hf(TEXTS[:3])["input_ids"]
+    assert lite(TEXTS[:3]).attention_mask == hf(TEXTS[:3]).attention_mask
+    assert lite(TEXTS[0], add_special_tokens=False).input_ids == hf(TEXTS[0], add_special_tokens=False).input_ids
 
 
 def assert_same_chats(lite, hf, conversations: list[list[dict]], **kwargs) -> None:
