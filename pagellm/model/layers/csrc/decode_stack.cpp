@@ -82,6 +82,7 @@ class DecodeStack {
                 k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == kv_heads_ && k_cache.size(3) == hd_,
                 "caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim]");
     TORCH_CHECK(k_cache.scalar_type() == torch::kFloat || k_cache.scalar_type() == torch::kBFloat16, "cache dtype");
+    TORCH_CHECK(layers_.empty() || k_cache.sizes() == layers_[0].k_cache.sizes(), "every layer's cache has one shape");
     const int64_t qkv_n = (heads_ + 2 * kv_heads_) * hd_;
     const int64_t dims[4][2] = {{qkv_n, hidden_}, {hidden_, heads_ * hd_}, {2 * inter_, hidden_}, {hidden_, inter_}};
     Layer layer{ln1.contiguous(), ln2.contiguous(), k_cache, v_cache, {}, {}, {}, {}};
@@ -105,8 +106,12 @@ class DecodeStack {
     auto slot_t = slot_mapping.contiguous();
     const int64_t* pos = pos_t.data_ptr<int64_t>();
     const int64_t* slots = slot_t.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(!layers_.empty(), "no layers");
+    const int64_t cache_slots = layers_[0].k_cache.size(0) * layers_[0].k_cache.size(1);  // the same in every layer
+    for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_.size(0), "position ", pos[b], " is past the rotary table");
+      TORCH_CHECK(slots[b] >= 0 && slots[b] < cache_slots, "slot ", slots[b], " is outside the KV cache");
+    }
     auto opts = x_in.options();
     auto x = x_in.contiguous().clone();
     auto h = torch::empty({B, hidden_}, opts);
@@ -125,7 +130,6 @@ class DecodeStack {
     const float* sinp = sin_.data_ptr<float>();
     const int64_t half = hd_ / 2;
     for (const Layer& L : layers_) {
-      const int64_t cache_slots = L.k_cache.size(0) * L.k_cache.size(1);
       pagellm::rms_norm_rows(xp, L.ln1.data_ptr<float>(), hp, B, hidden_, eps_);
       L.qkv.run(hp, B, qkvp);
       for (int64_t b = 0; b < B; ++b) {
@@ -141,7 +145,6 @@ class DecodeStack {
           }
         }
         std::copy(row, row + q_size, qp + b * q_size);
-        TORCH_CHECK(slots[b] >= 0 && slots[b] < cache_slots, "slot ", slots[b], " is outside the KV cache");
         if (L.k_cache.scalar_type() == torch::kFloat) {
           store_row(L.k_cache.data_ptr<float>() + slots[b] * kv_size, row + q_size, kv_size);
           store_row(L.v_cache.data_ptr<float>() + slots[b] * kv_size, row + q_size + kv_size, kv_size);

@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <vector>
 #include <cstdlib>
-#include <string>
+#include <cstring>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PAGELLM_AVX2 1
@@ -338,7 +338,7 @@ void int4_matmul(const float* x, int64_t M, const uint8_t* q, const float* scale
   const int64_t groups = K / kGroup;
   std::vector<float> xsum(M * groups, 0.f);
   const char* act = std::getenv("PAGELLM_INT4_ACT");  // NOTE: read per call (~50 ns), so tests can switch it
-  if (act != nullptr && std::string(act) == "float") {  // exact: the codes widened to float instead
+  if (act != nullptr && std::strcmp(act, "float") == 0) {  // exact: the codes widened to float instead
 #ifndef PAGELLM_AVX2
     for (int64_t i = 0; i < M * groups; ++i)
       for (int64_t j = 0; j < kGroup; ++j) xsum[i] += x[i * kGroup + j];
