@@ -208,17 +208,26 @@ def _layer_linears(model):
     return linears
 
 
-def test_q4_k_layers_load_exactly(gguf_env):
-    """Q4_K layers are int4 groups of 32 as they are: the packed model's hidden states equal the
-    dequantized-float model's up to float rounding; only the LM head (Q6_K) is requantized to int8."""
+def _assert_within_float16_rounding(layer, ref):
+    """An int4 layer's weight against the Q4_K float weight: round to nearest costs at most half a
+    float16 ulp (2^-11 relative) on each scale (times a code <= 15) and min."""
+    bound = (15 * layer.scales.float().abs() + layer.mins.float().abs()) * 2.0**-11 + 1e-7
+    err = (layer.dequantize() - ref).abs().view(ref.shape[0], -1, 32)
+    assert (err <= bound.unsqueeze(-1)).all() and err.max() > 0
+
+
+def test_q4_k_layers_load_as_int4(gguf_env):
+    """Q4_K layers are int4 groups of 32 as they are, with each group's scale and min (a float16 times
+    a 6-bit integer) rounded to float16: the weights differ from the dequantized-float model's by that
+    rounding alone; only the LM head (Q6_K) is requantized to int8."""
     path = _write_tiny_gguf(gguf_env / "q4k.gguf", {**dict.fromkeys(_SHAPES, "Q4_K"), "output": "Q6_K"})
     packed, float_model = _load(path, "int4"), _load(path, None)
     assert all(m.scheme == "int4" for n, m in _layer_linears(packed).items() if n != "lm_head")
     down = packed.layers[1].mlp.down_proj
-    torch.testing.assert_close(down.dequantize(), float_model.layers[1].mlp.down_proj.weight, atol=1e-6, rtol=0)
+    _assert_within_float16_rounding(down, float_model.layers[1].mlp.down_proj.weight)
     hidden, logits = _hidden_and_logits(packed)
     ref_hidden, ref_logits = _hidden_and_logits(float_model)
-    torch.testing.assert_close(hidden, ref_hidden, atol=1e-4, rtol=1e-4)  # summation order only
+    assert (hidden - ref_hidden).norm() / ref_hidden.norm() < 5e-3  # the float16 rounding above (measured 0.18%)
     # logits: the LM head's int8 rounding (at most scale / 2 a weight) bounds the difference
     bound = hidden.abs().sum(-1, keepdim=True) * packed.lm_head.scales / 2 + 1e-3
     assert ((logits - ref_logits).abs() <= bound).all()
@@ -260,10 +269,9 @@ def test_q4_k_m_file_runs_packed_by_default(gguf_env, tiny_llama_dir):
     out = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 
-    # the same packed weights at float32 against the float load: Q4_K exact, Q6_K rounded to int8 rows
+    # the same packed weights at float32 against the float load: Q4_K with float16 scales, Q6_K rounded to int8 rows
     packed, float_model = _load(path, "int4"), _load(path, None)
-    o_proj = float_model.layers[0].self_attn.o_proj.weight  # Q4_K
-    torch.testing.assert_close(packed.layers[0].self_attn.o_proj.dequantize(), o_proj, atol=1e-6, rtol=0)
+    _assert_within_float16_rounding(packed.layers[0].self_attn.o_proj, float_model.layers[0].self_attn.o_proj.weight)
     _, logits = _hidden_and_logits(packed)
     _, ref_logits = _hidden_and_logits(float_model)
     # NOTE: int8 rows keep Q6_K's levels to within max|w| / 254 (forced into int4 groups these random

@@ -34,7 +34,8 @@ class QuantizedWeight:
 
     int8: qweight int8 [out, in], scales [out]; w = qweight * scale.
     int4: qweight uint8 [out, in] holding 0..15, scales and mins [out, in // group_size];
-          w = qweight * scale + min (GGUF Q4_1's form; Q4_0 is min = -8 * scale).
+          w = qweight * scale + min (GGUF Q4_1's form; Q4_0 is min = -8 * scale). QuantizedLinear keeps
+          int4 scales and mins in float16, as GGUF does.
     """
 
     scheme: str
@@ -79,15 +80,26 @@ def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> QuantizedWeight:
-    """Asymmetric int4 over groups of `group_size` input columns (min/max per group)."""
+    """Asymmetric int4 over groups of `group_size` input columns (min/max per group).
+
+    The scales and mins are rounded to float16 (the form QuantizedLinear keeps them in) before the
+    codes are chosen, so the packed layer computes with exactly this weight.
+    """
     out_features, in_features = weight.shape
     if in_features % group_size:
         raise ValueError(f"int4 needs in_features ({in_features}) divisible by the group size {group_size}")
     g = weight.float().view(out_features, -1, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+    if max(-float(lo.min()), float(hi.max())) > _FP16_MAX:
+        raise ValueError(f"int4 keeps scales and mins in float16: weights beyond +-{_FP16_MAX:g} cannot be quantized")
+    lo = lo.half().float()
+    scales = ((hi - lo) / 15.0).half().float().clamp(min=_FP16_TINY)
     q = torch.round((g - lo.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
     return QuantizedWeight("int4", q.view(out_features, in_features), scales, lo, group_size)
+
+
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_FP16_TINY = 2.0**-24  # the smallest float16 above zero
 
 
 def quantize(weight: torch.Tensor, scheme: str) -> QuantizedWeight:
@@ -125,8 +137,8 @@ class QuantizedLinear(nn.Module):
         self.group_size = INT4_GROUP_SIZE if scheme == "int4" else 0
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=out_dtype), requires_grad=False) if bias else None
         self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8))  # int8 [out, in] | int4 [out, in / 2]
-        self.register_buffer("scales", torch.empty(0))  # float32: int8 [out]; int4 [out, groups]
-        self.register_buffer("mins", torch.empty(0))  # int4: float32 [out, groups]
+        self.register_buffer("scales", torch.empty(0))  # int8: float32 [out]; int4: float16 [out, groups]
+        self.register_buffer("mins", torch.empty(0))  # int4: float16 [out, groups]
         self._bf16_scales: torch.Tensor | None = None  # int8 without the C++ kernel: torch's kernel wants bf16
 
     def keep_precision_of(self, parts: list[QuantizedWeight | torch.Tensor]) -> None:
@@ -141,10 +153,11 @@ class QuantizedLinear(nn.Module):
         qw = qw.to_scheme(self.scheme)
         if self.scheme == "int8":
             self.qweight = qw.qweight.contiguous()
-        else:
+            self.scales = qw.scales.float().contiguous()
+        else:  # NOTE: float16 scales and mins: exact for GGUF Q4_0/Q4_1, ~17% fewer bytes a step than float32
             self.qweight = pack_int4(qw.qweight)
-            self.mins = qw.mins.float().contiguous()
-        self.scales = qw.scales.float().contiguous()
+            self.scales = qw.scales.half().contiguous()
+            self.mins = qw.mins.half().contiguous()
         self._bf16_scales = None
 
     def weight_bytes(self) -> int:

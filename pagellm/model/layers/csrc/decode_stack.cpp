@@ -27,8 +27,8 @@ struct Lin {
       case kBF16: pagellm::bf16_matmul(x, M, w.data_ptr<at::BFloat16>(), out, n, k); break;
       case kInt8: pagellm::int8_matmul(x, M, w.data_ptr<int8_t>(), scales.data_ptr<float>(), out, n, k); break;
       default:
-        pagellm::int4_matmul(x, M, w.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), out, n,
-                             k);
+        pagellm::int4_matmul(x, M, w.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), mins.data_ptr<at::Half>(), out,
+                             n, k);
     }
     if (bias.numel()) {
       const float* b = bias.data_ptr<float>();
@@ -44,8 +44,10 @@ Lin make_lin(int64_t kind, torch::Tensor w, torch::Tensor scales, torch::Tensor 
   const std::vector<c10::ScalarType> dtypes = {torch::kFloat, torch::kBFloat16, torch::kChar, torch::kByte};
   TORCH_CHECK(kind >= 0 && kind < 4 && w.scalar_type() == dtypes[kind], "weight dtype does not match its kind");
   TORCH_CHECK(w.size(0) == n && w.size(1) == (kind == kInt4 ? k / 2 : k), "weight shape mismatch");
-  if (kind >= kInt8) TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous(), "scales");
-  if (kind == kInt4) TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous(), "mins");
+  if (kind == kInt8) TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous(), "int8 scales: float32");
+  if (kind == kInt4)
+    TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && mins.scalar_type() == torch::kHalf &&
+                mins.is_contiguous(), "int4 scales and mins: float16");
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat && bias.numel() == n), "bias");
   return Lin{kind, n, k, w, scales, mins, bias.contiguous()};
 }

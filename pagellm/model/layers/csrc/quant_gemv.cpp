@@ -7,7 +7,8 @@
 // -ffast-math): int8/uint8 -> float conversion plus FMA over 32-wide blocks.
 //
 // int8: w[n, k] = scale[n] * q[n, k]
-// int4: per group g of 32 inputs, w[n, k] = scale[n, g] * c + min[n, g], with c in 0..15; byte j of a
+// int4: per group g of 32 inputs, w[n, k] = scale[n, g] * c + min[n, g], with c in 0..15 and the scale
+//       and min float16 (GGUF's Q4_1 block: 20 bytes per 32 weights; decode reads every byte); byte j of a
 //       group's 16 bytes holds c for input j (low nibble) and input j + 16 (high nibble), as in GGUF.
 //       So out[m, n] = sum_g scale[n, g] * dot(x[m, g], c[n, g]) + min[n, g] * sum(x[m, g]).
 //       The activations are first quantized per 32-input block to x ~ d * xq, xq in -127..127 (what
@@ -35,6 +36,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kTileN = 16;
+constexpr int64_t kMaxGroups = 1024;  // int4: K up to 32768 (per-channel scales converted on the stack)
 
 template <int M>
 void int8_rows(const float* x, const int8_t* q, const float* scales, float* out, int64_t N, int64_t K) {
@@ -59,8 +61,8 @@ void int8_rows(const float* x, const int8_t* q, const float* scales, float* out,
 }
 
 template <int M>
-void int4_rows_q8(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const float* scales,
-                  const float* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+void int4_rows_q8(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const at::Half* scales,
+                  const at::Half* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   const int64_t groups = K / kGroup;
   {
     for (int64_t n = n0; n < n1; ++n) {
@@ -69,7 +71,7 @@ void int4_rows_q8(const int8_t* xq, const float* xd, const float* xsum, const ui
       for (int m = 0; m < M; ++m) acc[m] = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* b = row + g * (kGroup / 2);
-        const float sc = scales[n * groups + g], mn = mins[n * groups + g];
+        const float sc = static_cast<float>(scales[n * groups + g]), mn = static_cast<float>(mins[n * groups + g]);
         for (int m = 0; m < M; ++m) {
           const int8_t* a = xq + m * K + g * kGroup;
           int32_t dot = 0;
@@ -83,14 +85,14 @@ void int4_rows_q8(const int8_t* xq, const float* xd, const float* xsum, const ui
 }
 
 template <int M>
-void int4_rows_f32(const float* x, const float* xsum, const uint8_t* q, const float* scales, const float* mins,
+void int4_rows_f32(const float* x, const float* xsum, const uint8_t* q, const at::Half* scales, const at::Half* mins,
                float* out, int64_t N, int64_t K) {
   const int64_t groups = K / kGroup;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* row = q + n * (K / 2);
-      const float* sc = scales + n * groups;
-      const float* mn = mins + n * groups;
+      const at::Half* sc = scales + n * groups;
+      const at::Half* mn = mins + n * groups;
       float acc[M];
       for (int m = 0; m < M; ++m) acc[m] = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
@@ -104,7 +106,7 @@ void int4_rows_f32(const float* x, const float* xsum, const uint8_t* q, const fl
           const float* xm = x + m * K + g * kGroup;
           float s = 0.f;
           for (int64_t j = 0; j < kGroup; ++j) s += xm[j] * w[j];
-          acc[m] += sc[g] * s + mn[g] * xsum[m * groups + g];
+          acc[m] += static_cast<float>(sc[g]) * s + static_cast<float>(mn[g]) * xsum[m * groups + g];
         }
       }
       for (int m = 0; m < M; ++m) out[m * N + n] = acc[m];
@@ -162,26 +164,46 @@ void int8_rows_avx2(const float* x, const int8_t* q, const float* scales, float*
   });
 }
 
+// float16 -> float32, 8 at a time (F16C)
+inline void half_to_float(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  float r = hsum(s);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
 template <int M>
-void int4_rows_f32_avx2(const float* x, const float* /*xsum*/, const uint8_t* q, const float* scales, const float* mins,
-                    float* out, int64_t N, int64_t K) {
+void int4_rows_f32_avx2(const float* x, const float* /*xsum*/, const uint8_t* q, const at::Half* scales,
+                        const at::Half* mins, float* out, int64_t N, int64_t K) {
   const int64_t groups = K / kGroup;
   const __m128i low = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    float sc[kMaxGroups], mn[kMaxGroups];
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* row = q + n * (K / 2);
+      half_to_float(scales + n * groups, sc, groups);
+      half_to_float(mins + n * groups, mn, groups);
       __m256 acc[M][4];
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
         __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        const __m256 sc = _mm256_set1_ps(scales[n * groups + g]), mn = _mm256_set1_ps(mins[n * groups + g]);
+        const __m256 s = _mm256_set1_ps(sc[g]), mv = _mm256_set1_ps(mn[g]);
         __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
-        for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], sc, mn);
+        for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], s, mv);
         for (int m = 0; m < M; ++m) {
           const float* xm = x + m * K + g * kGroup;
           for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
@@ -227,36 +249,32 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
 // (maddubs: u8 codes x s8 activations) and one float multiply-add by scale * d. The min term uses
 // the exact float block sums. xq: [M, K] int8, xd: [M, groups] block scales, xsum: [M, groups].
 template <int M>
-void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const float* scales,
-                       const float* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const at::Half* scales,
+                       const at::Half* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   const int64_t groups = K / kGroup;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = q + n * (K / 2);
-      const float* sc = scales + n * groups;
-      const float* mn = mins + n * groups;
-      __m256 acc[M][2];
-      float minterm[M];
+  float sc[kMaxGroups], mn[kMaxGroups];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * (K / 2);
+    half_to_float(scales + n * groups, sc, groups);
+    half_to_float(mins + n * groups, mn, groups);
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
+      // inputs 0..15 are the low nibbles, 16..31 the high ones
+      __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
       for (int m = 0; m < M; ++m) {
-        acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-        minterm[m] = 0.f;
+        __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
+        __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones);  // 8 x int32
+        acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sc[g] * xd[m * groups + g]),
+                                        acc[m][g & 1]);
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
-        // inputs 0..15 are the low nibbles, 16..31 the high ones
-        __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
-        for (int m = 0; m < M; ++m) {
-          __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
-          __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones);  // 8 x int32
-          acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sc[g] * xd[m * groups + g]),
-                                          acc[m][g & 1]);
-          minterm[m] += mn[g] * xsum[m * groups + g];
-        }
-      }
-      for (int m = 0; m < M; ++m) out[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + minterm[m];
     }
+    // the min term: sum over groups of min * the block's exact activation sum
+    for (int m = 0; m < M; ++m)
+      out[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + dot_f32(mn, xsum + m * groups, groups);
   }
 }
 #define INT8_ROWS int8_rows_avx2
@@ -333,9 +351,10 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
   }
 }
 
-void int4_matmul(const float* x, int64_t M, const uint8_t* q, const float* scales, const float* mins, float* out,
+void int4_matmul(const float* x, int64_t M, const uint8_t* q, const at::Half* scales, const at::Half* mins, float* out,
                  int64_t N, int64_t K) {
   const int64_t groups = K / kGroup;
+  TORCH_CHECK(groups <= kMaxGroups, "int4 matmul: at most ", kMaxGroups * kGroup, " input features, got ", K);
   std::vector<float> xsum(M * groups, 0.f);
   const char* act = std::getenv("PAGELLM_INT4_ACT");  // NOTE: read per call (~50 ns), so tests can switch it
   if (act != nullptr && std::strcmp(act, "float") == 0) {  // exact: the codes widened to float instead
@@ -408,18 +427,18 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   return out;
 }
 
-// x [M, K] float32, q [N, K / 2] uint8 (layout above), scales and mins [N, K / 32] float32 -> [M, N]
+// x [M, K] float32, q [N, K / 2] uint8 (layout above), scales and mins [N, K / 32] float16 -> [M, N]
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
   const int64_t N = q.size(0), K = q.size(1) * 2;
   check_x(x, K);
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == N * K / kGroup,
-              "scales must be [N, K / 32] float32");
-  TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous() && mins.numel() == N * K / kGroup,
-              "mins must be [N, K / 32] float32");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == N * K / kGroup,
+              "scales must be [N, K / 32] float16");
+  TORCH_CHECK(mins.scalar_type() == torch::kHalf && mins.is_contiguous() && mins.numel() == N * K / kGroup,
+              "mins must be [N, K / 32] float16");
   auto out = torch::empty({x.size(0), N}, x.options());
-  pagellm::int4_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                       mins.data_ptr<float>(), out.data_ptr<float>(), N, K);
+  pagellm::int4_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                       mins.data_ptr<at::Half>(), out.data_ptr<float>(), N, K);
   return out;
 }
 
@@ -427,20 +446,20 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
   const int64_t N = q.size(0), K = q.size(1) * 2, groups = K / kGroup;
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous() && scales.numel() == N * groups,
-              "scales must be [N, K / 32] float32");
-  TORCH_CHECK(mins.scalar_type() == torch::kFloat && mins.is_contiguous() && mins.numel() == N * groups,
-              "mins must be [N, K / 32] float32");
-  auto out = torch::empty({N, K}, scales.options());
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == N * groups,
+              "scales must be [N, K / 32] float16");
+  TORCH_CHECK(mins.scalar_type() == torch::kHalf && mins.is_contiguous() && mins.numel() == N * groups,
+              "mins must be [N, K / 32] float16");
+  auto out = torch::empty({N, K}, scales.options().dtype(torch::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = mins.data_ptr<float>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins.data_ptr<at::Half>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // i: (row, group)
       const uint8_t* b = qp + i * (kGroup / 2);
       float* w = op + i * kGroup;
-      const float s = sp[i], m = mp[i];
+      const float s = static_cast<float>(sp[i]), m = static_cast<float>(mp[i]);
       for (int64_t j = 0; j < kGroup / 2; ++j) {
         w[j] = static_cast<float>(b[j] & 0x0F) * s + m;
         w[j + kGroup / 2] = static_cast<float>(b[j] >> 4) * s + m;
