@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
+
+from pagellm.errors import InvalidRequest
+
+# "auto" | "cpu" | "cuda" | "cuda:N"; whether CUDA exists is checked where torch is (model_loader.resolve_device)
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -18,6 +24,11 @@ class ModelConfig:
     # auto: a Q4_0/Q4_1 or Q8_0 GGUF keeps its weights packed (int4 / int8) unless dtype is explicit
     quantization: str | None = "auto"  # auto | none | int8 | int4
     compile: bool = False  # torch.compile the model's forward (static-shape buckets for decode)
+    device: str = "auto"  # auto (cuda when torch.cuda.is_available(), else cpu) | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE_PATTERN.fullmatch(self.device):
+            raise InvalidRequest(f"device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}", param="device")
 
 
 @dataclass

@@ -40,13 +40,14 @@ class EngineCore:
 
     def __init__(self, model: torch.nn.Module, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
                  dtype: torch.dtype, lora_config: LoRAConfig | None = None, compile: bool = False,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         assert cache_config.num_blocks is not None, "size the KV cache before building the core"
         self.scheduler = Scheduler(scheduler_config, cache_config)
         self.runner = ModelRunner(model, cache_config.num_blocks, cache_config.block_size, dtype, lora_config,
-                                  compile=compile, max_num_seqs=scheduler_config.max_num_seqs, kv_dtype=kv_dtype)
+                                  compile=compile, max_num_seqs=scheduler_config.max_num_seqs, kv_dtype=kv_dtype,
+                                  device=device)
         logger.info("KV cache: %d blocks of %d tokens", cache_config.num_blocks, cache_config.block_size)
 
     def add_request(self, request: Request) -> None:

@@ -15,7 +15,8 @@ from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
-from pagellm.model.loader.model_loader import load_model, resolve_dtype, resolve_quantization
+from pagellm.model.layers.quant import SCHEMES
+from pagellm.model.loader.model_loader import load_model, resolve_device, resolve_dtype, resolve_quantization
 from pagellm.model.loader.peft_loader import load_lora_adapter, load_prefix_adapter, read_adapter_config
 from pagellm.model.loader.resolve import ModelSource, resolve_model
 from pagellm.outputs import RequestOutput
@@ -26,6 +27,22 @@ from pagellm.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
+def _pick_device(model_config: ModelConfig, lora_config: LoRAConfig | None) -> torch.device:
+    """The engine's device. NOTE: what only the CPU runs yet (LoRA, --compile, packed int8/int4 weights) keeps
+    device "auto" on the CPU, so enabling CUDA changes no such command; asked of cuda explicitly, it raises."""
+    cpu_only = {"enable_lora": lora_config is not None, "compile": model_config.compile,
+                "quantization": model_config.quantization in SCHEMES}
+    if model_config.device == "auto" and any(cpu_only.values()):
+        return torch.device("cpu")
+    device = resolve_device(model_config.device)
+    if device.type != "cpu":
+        if cpu_only["enable_lora"]:
+            raise InvalidRequest(f"LoRA adapters are not supported on {device.type} yet", param="enable_lora")
+        if cpu_only["compile"]:
+            raise InvalidRequest(f"--compile is not supported on {device.type} yet", param="compile")
+    return device  # NOTE: resolve_quantization refuses an explicit int8/int4 off the CPU
+
+
 class LLMEngine:
     """Loads model + tokenizer, accepts requests, and steps them to completion."""
 
@@ -33,12 +50,13 @@ class LLMEngine:
                  scheduler_config: SchedulerConfig, lora_config: LoRAConfig | None = None) -> None:
         t0 = time.perf_counter()
         self.model_config = model_config
+        self.device = _pick_device(model_config, lora_config)
         self.source: ModelSource = resolve_model(model_config.model)
         self.dtype = resolve_dtype(model_config.dtype)
         torch.manual_seed(model_config.seed)
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
-        quantization = resolve_quantization(self.source, model_config.quantization, model_config.dtype)
-        self.model = load_model(self.source, self.dtype, quantization)
+        quantization = resolve_quantization(self.source, model_config.quantization, model_config.dtype, self.device)
+        self.model = load_model(self.source, self.dtype, quantization, self.device)
         self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations
         # NOTE: "auto" stores keys/values in the model's dtype, which can be narrower than the activations:
         # a bf16 model on a CPU without native bf16 computes in float32 but keeps a bf16 cache (half the
@@ -60,7 +78,7 @@ class LLMEngine:
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
         self.lora_config = lora_config
         self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype, lora_config,
-                               compile=model_config.compile, kv_dtype=self.kv_dtype)
+                               compile=model_config.compile, kv_dtype=self.kv_dtype, device=self.device)
         self.lora_requests: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id
         self.eos_token_id = self._eos_token_id(hf_config)
         pool_tokens = cache_config.num_blocks * cache_config.block_size
@@ -68,7 +86,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.load_time = time.perf_counter() - t0
-        logger.info("loaded %s (%s) in %.1fs", self.source.name, self.dtype, self.load_time)
+        logger.info("loaded %s (%s, %s) in %.1fs", self.source.name, self.dtype, self.device, self.load_time)
 
     def _eos_token_id(self, hf_config) -> int | None:
         eos = self.tokenizer.eos_token_id

@@ -23,7 +23,7 @@ from pagellm.engine.async_llm import EngineDeadError
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.model_loader import compute_dtype_for, instantiate_empty, resolve_dtype
+from pagellm.model.loader.model_loader import compute_dtype_for, instantiate_empty, resolve_device, resolve_dtype
 from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
 from pagellm.model.models.registry import get_pooling_model_class
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
@@ -48,16 +48,17 @@ class PoolingEngine:
         if task not in POOLING_TASKS:
             raise InvalidRequest(f"pooling task must be one of {', '.join(POOLING_TASKS)}; got {task!r}", "task")
         self.task = task
+        self.device = resolve_device(model_config.device)
         self.source: ModelSource = resolve_pooling_model(model_config.model)
         if self.source.format != "hf":
             raise InvalidRequest(f"task {task!r} needs an HF folder (config.json + safetensors); "
                                  f"{self.source.path.name} is a GGUF file", param="model")
         # NOTE: encoders are compute-bound: float32 on CPUs without native bf16 math
-        self.dtype = compute_dtype_for(resolve_dtype(model_config.dtype))
+        self.dtype = compute_dtype_for(resolve_dtype(model_config.dtype), self.device)
         hf_config = load_hf_config(self.source.path)
         model_cls = get_pooling_model_class(getattr(hf_config, "architectures", None), task)
         self.tokenizer = load_hf_tokenizer(self.source, model_config.tokenizer)
-        self.model = load_encoder(model_cls, hf_config, self.source, self.dtype)
+        self.model = load_encoder(model_cls, hf_config, self.source, self.dtype, self.device)
         self.max_model_len = self._max_model_len(hf_config, model_config.max_model_len)
         self.max_num_batched_tokens = max(max_num_batched_tokens, self.max_model_len)
         # NOTE: a model class may declare its own pooling default (decoders: "last", as vLLM does)
@@ -208,13 +209,16 @@ class PoolingEngine:
         lens = torch.tensor(seq_lens)
         starts = torch.repeat_interleave(lens.cumsum(0) - lens, lens)  # [num_tokens], each token's seq start
         positions = torch.arange(input_ids.shape[0]) - starts  # [num_tokens], 0.. within each sequence
+        if self.device.type != "cpu":
+            input_ids, positions = input_ids.to(self.device), positions.to(self.device)
         return self.model(input_ids, positions, seq_lens)  # [num_tokens, hidden]
 
 
 def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSource,
-                 dtype: torch.dtype) -> torch.nn.Module:
-    """Instantiate on "meta", materialize on CPU in `dtype`, load and check the safetensors weights."""
-    model = instantiate_empty(model_cls, hf_config, dtype)
+                 dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
+    """Instantiate on "meta", materialize on `device` (None: cpu) in `dtype`, load and check the safetensors
+    weights."""
+    model = instantiate_empty(model_cls, hf_config, dtype, device=device)
     model.load_weights(iter_safetensors(source.path))
     model.requires_grad_(False)
     return model.eval()

@@ -21,6 +21,10 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                        help="HF folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     g = p.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    g.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N; auto = cuda when torch.cuda.is_available(), else cpu. On cuda "
+                        "a GGUF loads dequantized and --quantization int8/int4, --compile and LoRA are not "
+                        "supported yet (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights and activations dtype; auto = bfloat16 where the CPU has native bf16, "
                         "else float32 (default: %(default)s)")
@@ -56,7 +60,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
         seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
-        **lora_kwargs(args),
+        device=args.device, **lora_kwargs(args),
     )
 
 

@@ -36,6 +36,10 @@ class LLM:
     bundled all-MiniLM-L6-v2; or a Llama-family decoder run without KV cache, pooled at the last token) for
     `embed` / `classify`; no decoder engine or KV cache is built then, and
     ``pooler_config`` overrides the pooling type and normalization the model folder declares.
+
+    ``device``: "auto" (cuda when torch.cuda.is_available(), else cpu), "cpu", "cuda" or "cuda:N". On a GPU the
+    weights, KV cache and step inputs live there and every layer runs its torch path (no C++ kernels); a GGUF
+    loads dequantized, and --quantization int8/int4, --compile and LoRA raise there for now.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class LLM:
         quantization: str | None = "auto",
         kv_cache_dtype: str = "auto",
         compile: bool = False,
+        device: str = "auto",
     ) -> None:
         self.task = task
         self.llm_engine: LLMEngine | None = None
@@ -69,7 +74,8 @@ class LLM:
             # NOTE: encoders see each prompt once, whole: no KV cache, so the token budget only bounds
             # activation memory and defaults higher than the decoder's.
             self.pooling_engine = PoolingEngine(
-                ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed),
+                ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            device=device),
                 task, pooler_config, max_num_batched_tokens=max(max_num_batched_tokens, 8192),
             )
             return
@@ -77,7 +83,7 @@ class LLM:
             raise InvalidRequest(f"task must be one of generate, {', '.join(POOLING_TASKS)}; got {task!r}", "task")
         self.llm_engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                        quantization=quantization, compile=compile),
+                        quantization=quantization, compile=compile, device=device),
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                         enable_prefix_caching=enable_prefix_caching, cache_dtype=kv_cache_dtype),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -38,7 +38,8 @@ def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
     return req.sampling_params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens - 1
 
 
-def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
+def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | None = None) -> ModelInputs:
+    """Every tensor is built on `device` (None: the CPU, with no device argument at all)."""
     # Single-token requests form the batched "decode" group; multi-token chunks follow.
     decodes = [r for r in so.scheduled if len(r.token_ids) == 1]
     chunks = [r for r in so.scheduled if len(r.token_ids) > 1]
@@ -54,17 +55,18 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
             positions.append(pos)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
 
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode_tokens=len(decodes))
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+                             num_decode_tokens=len(decodes))
     if decodes:
         lengths = [r.num_computed_tokens + 1 for r in decodes]
         max_blocks = (max(lengths) + block_size - 1) // block_size
         table = [r.block_ids[:max_blocks] + [0] * (max_blocks - min(len(r.block_ids), max_blocks)) for r in decodes]
-        meta.decode_block_table = torch.tensor(table, dtype=torch.long)
+        meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=device)
         meta.decode_max_len = max(lengths)
-        meta.decode_seq_lens = torch.tensor(lengths, dtype=torch.long)
+        meta.decode_seq_lens = torch.tensor(lengths, dtype=torch.long, device=device)
         if min(lengths) != max(lengths):  # equal lengths: keys are cut to that length, no mask
-            span = torch.arange(max_blocks * block_size)
-            meta.decode_mask = (span.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            span = torch.arange(max_blocks * block_size, device=device)
+            meta.decode_mask = (span.unsqueeze(0) < meta.decode_seq_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
 
     offset = len(decodes)
     for req in chunks:
@@ -72,9 +74,9 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
         chunk = PrefillChunk(offset, n, done, None, None)
         if done > 0:
             num_blocks = (done + n + block_size - 1) // block_size
-            chunk.block_ids = torch.tensor(req.block_ids[:num_blocks], dtype=torch.long)
+            chunk.block_ids = torch.tensor(req.block_ids[:num_blocks], dtype=torch.long, device=device)
             # query i sits at position done+i and sees keys 0..done+i
-            chunk.mask = torch.ones(n, done + n, dtype=torch.bool).tril(diagonal=done)
+            chunk.mask = torch.ones(n, done + n, dtype=torch.bool, device=device).tril(diagonal=done)
         meta.prefills.append(chunk)
         offset += n
 
@@ -102,10 +104,10 @@ def build_inputs(so: SchedulerOutput, block_size: int) -> ModelInputs:
     sample_rows = [r for r in ordered if r.sample]
     logits_rows.extend(last_row[r.req_id] for r in sample_rows)
     return ModelInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
+        input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
         attn_meta=meta,
-        logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
         sample_rows=sample_rows,
         num_prompt_logprob_rows=num_plp,
         prompt_logprob_rows=plp_rows,

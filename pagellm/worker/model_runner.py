@@ -51,18 +51,30 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  lora_config: LoRAConfig | None = None, compile: bool = False, max_num_seqs: int = 1,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        on_gpu = device is not None and device.type != "cpu"
+        if on_gpu and compile:
+            raise InvalidRequest(f"--compile is not supported on {device.type} yet", param="compile")
         self.model = model
         self.lora = LoRAManager(model, lora_config, dtype) if lora_config is not None else None
         self.block_size = block_size
         self.dtype = dtype
+        # NOTE: None on the CPU: input tensors are built where torch.tensor puts them, with no device argument
+        self.input_device = device if on_gpu else None
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
         kv_dtype = kv_dtype or dtype  # NOTE: keys/values are cast on write and read when it differs
-        self.kv_caches = [(lazy_zeros(shape, kv_dtype), lazy_zeros(shape, kv_dtype)) for _ in model.layers]
+        if on_gpu:
+            self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=device),
+                               torch.zeros(shape, dtype=kv_dtype, device=device)) for _ in model.layers]
+        else:
+            self.kv_caches = [(lazy_zeros(shape, kv_dtype), lazy_zeros(shape, kv_dtype)) for _ in model.layers]
         self.sampler = Sampler(model.config.vocab_size)
+        self.compiled_decode = None
+        self.fused_decode = None  # the decoder layers as one C++ call, for decode-only steps
+        if on_gpu:  # the C++ kernels are CPU code: every layer takes its torch path
+            return
         load_kernel()  # NOTE: build or load the C++ kernels now, never inside a request's first step
         self.compiled_decode = self._compile(max_num_seqs) if compile else None
-        self.fused_decode = None  # the decoder layers as one C++ call, for decode-only steps
         if (not compile and self.lora is None and hasattr(model, "fused_decoder")
                 and os.environ.get("PAGELLM_FUSED_DECODE", "1") != "0"):
             self.fused_decode = model.fused_decoder(self.kv_caches)
@@ -102,7 +114,7 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if so.is_empty:
             return out
-        inputs = build_inputs(so, self.block_size)
+        inputs = build_inputs(so, self.block_size, self.input_device)
         if self.lora is not None:
             virtual = self.lora.prepare(inputs.requests)
             if virtual is not None:

@@ -281,7 +281,9 @@ def _truncation_threshold(logits: torch.Tensor, top_k: list[int], top_p: list[fl
     idx = torch.tensor(truncated, device=device)
     k = torch.tensor([ks[i] for i in truncated], device=device)
     p = torch.tensor([top_p[i] for i in truncated], device=device)
-    num_candidates = max(k.max().item(), _NUCLEUS_CANDIDATES if (p < 1.0).any() else 0)
+    # NOTE: from the Python lists, not the tensors: no device sync on a GPU
+    num_candidates = max(max(ks[i] for i in truncated),
+                         _NUCLEUS_CANDIDATES if any(top_p[i] < 1.0 for i in truncated) else 0)
     sub = logits[idx]
     row_threshold, fits = _top_k_top_p_threshold(sub, k, p, min(num_candidates, vocab))
     if not fits.all():

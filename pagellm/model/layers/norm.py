@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.float32 and x.dim() == 2 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if (x.dtype == torch.float32 and x.dim() == 2 and x.is_cpu and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # the C++ kernel reads CPU memory only
             kernel = load_kernel()
             if kernel is not None:
                 return kernel.rms_norm(x.contiguous(), self.weight, self.eps)

@@ -46,15 +46,41 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Activation/KV dtype for a weight dtype on this machine.
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device a model runs on: "auto" is cuda when torch.cuda.is_available(), else cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InvalidRequest(f"device {device!r} requested but torch.cuda.is_available() is False "
+                                 "(no NVIDIA GPU, or a CPU-only torch build)", param="device")
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as exc:
+            raise InvalidRequest(f"invalid device {device!r}: {exc}", param="device") from None
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InvalidRequest(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                                 "device(s) exist", param="device")
+        return resolved
+    raise InvalidRequest(f"device must be one of auto, cpu, cuda, cuda:N; got {device!r}", param="device")
+
+
+def compute_dtype_for(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """Activation/KV dtype for a weight dtype on `device` (None: cpu).
 
     NOTE: on CPUs without native bf16 math (no AMX/AVX512-BF16) torch emulates bf16 matmuls,
     several times slower than float32. There a bfloat16 model keeps bf16-valued weights but
     computes in float32: few-row (decode) matmuls read the bf16 copy, which halves the bytes
     of a bandwidth-bound GEMV, and larger ones run float32 oneDNN kernels on the same values.
+    A GPU computes in the weight dtype.
     """
-    if dtype == torch.bfloat16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+    if device is not None and device.type != "cpu":
+        return dtype
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
         return torch.float32
     return dtype
 
@@ -144,19 +170,27 @@ def _gguf_packed_weights(source: ModelSource):
     return _cached_gguf(source, GGUF_PACKED_KIND, GGUFCheckpoint.packed_weights)
 
 
-def resolve_quantization(source: ModelSource, quantization: str | None, dtype: str) -> str | None:
+def resolve_quantization(source: ModelSource, quantization: str | None, dtype: str,
+                         device: torch.device | None = None) -> str | None:
     """The scheme a model runs with. "auto": a GGUF file of 4-bit types (Q4_0/Q4_1/Q4_K, with 5-8-bit ones
     beside them as in Q4_K_M: int4) or of 5-8-bit ones only (Q8_0/Q6_K/Q5_K/Q5_0/Q5_1: int8) keeps its
-    packed weights unless a dtype was asked for explicitly; anything else runs unquantized."""
+    packed weights unless a dtype was asked for explicitly; anything else runs unquantized.
+
+    On a GPU (`device` not cpu) "auto" is always unquantized (a GGUF loads dequantized to the model dtype):
+    the packed int8/int4 matmuls are CPU kernels, so an explicit int8/int4 raises there."""
     if quantization in (None, "none"):
         return None
+    on_cpu = device is None or device.type == "cpu"
     if quantization == "auto":
-        if source.format != "gguf" or dtype != "auto":
+        if source.format != "gguf" or dtype != "auto" or not on_cpu:
             return None
         return gguf_packed_scheme(source)
     if quantization not in SCHEMES:
         raise InvalidRequest(f"quantization must be one of auto, none, {', '.join(SCHEMES)}; got {quantization!r}",
                              param="quantization")
+    if not on_cpu:
+        raise InvalidRequest(f"--quantization {quantization} is not supported on {device.type} yet (its packed "
+                             "kernels are CPU-only); use --quantization none or auto", param="quantization")
     return quantization
 
 
@@ -180,8 +214,8 @@ class _SkipInitFills(TorchFunctionMode):
 
 
 def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
-                      quantization: str | None = None) -> torch.nn.Module:
-    """Build on "meta" (no init cost), then materialize uninitialized CPU storage in `dtype`.
+                      quantization: str | None = None, device: torch.device | None = None) -> torch.nn.Module:
+    """Build on "meta" (no init cost), then materialize uninitialized storage in `dtype` on `device` (None: cpu).
 
     With `quantization`, the Linears of the decoder layers and the LM head become QuantizedLinear
     before any storage exists, so no float copy of their weights is ever allocated.
@@ -196,9 +230,20 @@ def instantiate_empty(cls: type[torch.nn.Module], config, dtype: torch.dtype,
         # NOTE: Module.to_empty's empty_like of a meta tensor runs torch's reference implementation, which
         # imports sympy (~0.5 s); a plain empty of the same shape and dtype is the same storage (meta tensors
         # built here are contiguous)
-        return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
+        target = device if device is not None else "cpu"
+        model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=target))
+        if device is not None and device.type != "cpu":
+            move_rotary(model, device)
+        return model
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def move_rotary(model: torch.nn.Module, device: torch.device) -> None:
+    """Move rotary cos/sin tables (plain tensors, not buffers, so Module.to leaves them) to `device`."""
+    rotary = getattr(model, "rotary", None)
+    if rotary is not None:
+        rotary.cos, rotary.sin = rotary.cos.to(device), rotary.sin.to(device)
 
 
 def checkpoint_weights(source: ModelSource):
@@ -208,30 +253,34 @@ def checkpoint_weights(source: ModelSource):
     return load_config(source.path), iter_safetensors(source.path)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> torch.nn.Module:
-    """Instantiate the architecture on CPU with `dtype` weights and load them (no grad).
+def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None = None,
+               device: torch.device | None = None) -> torch.nn.Module:
+    """Instantiate the architecture on `device` (None: cpu) with `dtype` weights and load them (no grad).
 
-    The parameters' dtype is ``compute_dtype_for(dtype)``; ``model.weight_dtype`` keeps `dtype`.
-    `quantization` (int8 | int4) keeps the Linear weights packed (model.quantization says which).
+    The parameters' dtype is ``compute_dtype_for(dtype, device)``; ``model.weight_dtype`` keeps `dtype`.
+    `quantization` (int8 | int4, CPU only) keeps the Linear weights packed (model.quantization says which).
     """
+    on_gpu = device is not None and device.type != "cpu"
+    assert not (on_gpu and quantization is not None), "resolve_quantization refuses packed weights off the CPU"
     if quantization is not None and source.format == "gguf":
         config, weights = _gguf_packed_weights(source)
     else:
         config, weights = checkpoint_weights(source)
     cls = get_model_class(getattr(config, "architectures", None))
-    run_dtype = compute_dtype_for(dtype)
+    run_dtype = compute_dtype_for(dtype, device)
     if run_dtype != dtype:  # bf16 values held in float32
         weights = ((name, t if isinstance(t, QuantizedWeight) else t.to(dtype).to(run_dtype)) for name, t in weights)
     if quantization is not None and not hasattr(cls, "load_weights"):
         raise InvalidRequest(f"--quantization is not supported for {cls.__name__}", param="quantization")
-    model = instantiate_empty(cls, config, run_dtype, quantization)
+    # NOTE: on a GPU the storage is materialized there; load_weights' copy_ moves each CPU tensor over
+    model = instantiate_empty(cls, config, run_dtype, quantization, device if on_gpu else None)
     if model.tie_word_embeddings and quantization is None:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
     model.requires_grad_(False)
     model.weight_dtype = dtype
     model.quantization = quantization
-    if os.environ.get("PAGELLM_LINEAR", "auto") != "torch":
+    if not on_gpu and os.environ.get("PAGELLM_LINEAR", "auto") != "torch":  # packing is for CPU matmuls
         pack_linears(model, bf16_gemv=run_dtype != dtype)
-    logger.info("model weights %s, compute %s", dtype, run_dtype)
+    logger.info("model weights %s, compute %s, on %s", dtype, run_dtype, device or "cpu")
     return model.eval()
