@@ -102,7 +102,8 @@ def _q8_reference(x: torch.Tensor, qw) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 40])
-def test_int4_kernel_quantizes_activations_like_q8(rows, monkeypatch):
+@pytest.mark.parametrize("in_features", [128, 160])  # 160: an odd number of groups (the kernel pairs them)
+def test_int4_kernel_quantizes_activations_like_q8(rows, in_features, monkeypatch):
     """The default int4 kernel: int8 activations per 32-wide block (llama.cpp's Q4 x Q8), integer
     dot products. It equals that computation done in torch, and stays within ~1% of float."""
     from pagellm.model.layers.kernels import load_kernel
@@ -110,10 +111,10 @@ def test_int4_kernel_quantizes_activations_like_q8(rows, monkeypatch):
     if load_kernel() is None:
         pytest.skip("C++ kernels unavailable (no compiler)")
     monkeypatch.delenv("PAGELLM_INT4_ACT", raising=False)
-    qw = quantize(_weight(), "int4")
-    layer = QuantizedLinear(128, 96, bias=False, scheme="int4")
+    qw = quantize(_weight(96, in_features), "int4")
+    layer = QuantizedLinear(in_features, 96, bias=False, scheme="int4")
     layer.set_weight(qw)
-    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
     with torch.inference_mode():  # NOTE: with autograd on, the layer runs the float dequantize path
         got = layer(x)

@@ -247,36 +247,78 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
 // int4 codes times int8-quantized activations (llama.cpp's Q4_1 x Q8 scheme): each 32-input block of
 // an activation row is x ~ d * xq with xq in -127..127, so a block's dot product is integer work
 // (maddubs: u8 codes x s8 activations) and one float multiply-add by scale * d. The min term uses
-// the exact float block sums. xq: [M, K] int8, xd: [M, groups] block scales, xsum: [M, groups].
+// the exact float block sums. xd: [M, groups] block scales, xsum: [M, groups].
+// xq: [M, K] int8 in the paired layout (quantize_rows_q8): one 32-byte load holds the codes of two
+// groups (low nibbles: inputs 0-15 of both, high nibbles: inputs 16-31), and the activations of the pair
+// are stored to match, so the pair costs two maddubs, an int16 add (at most 4 * 15 * 127 a lane) and one
+// madd, with no shuffles; the int32 lanes are 4 of group 2p then 4 of group 2p + 1.
 template <int M>
 void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const at::Half* scales,
                        const at::Half* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t groups = K / kGroup;
+  const int64_t groups = K / kGroup, pairs = groups / 2;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  float sc[kMaxGroups], mn[kMaxGroups];
+  constexpr int kChains = M == 1 ? 2 : 1;  // one row: two FMA chains, or FMA latency bounds the loop
+  alignas(32) float sc[kMaxGroups], mn[kMaxGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * (K / 2);
     half_to_float(scales + n * groups, sc, groups);
     half_to_float(mins + n * groups, mn, groups);
-    __m256 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
-      // inputs 0..15 are the low nibbles, 16..31 the high ones
-      __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
+    if constexpr (M == 1) {  // fold the activation block scales in once
+      for (int64_t g = 0; g < groups; ++g) sc[g] *= xd[g];
+    }
+    __m256 acc[M][kChains];
+    for (int m = 0; m < M; ++m)
+      for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
+    // the pair's contribution to row m: (dot of group 2p | dot of group 2p + 1) * their scales
+    auto pair_step = [&](int64_t p, __m256i lo, __m256i hi, int m, __m256 acc_in) {
+      const int8_t* a = xq + m * K + p * 2 * kGroup;
+      const __m256i s16 =
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + kGroup))));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+      float s0 = sc[2 * p], s1 = sc[2 * p + 1];
+      if constexpr (M > 1) {
+        s0 *= xd[m * groups + 2 * p];
+        s1 *= xd[m * groups + 2 * p + 1];
+      }
+      return _mm256_fmadd_ps(dot, _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)), acc_in);
+    };
+    auto codes = [&](int64_t p, __m256i& lo, __m256i& hi) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * kGroup));
+      lo = _mm256_and_si256(b, low);
+      hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    };
+    int64_t p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      __m256i lo0, hi0, lo1, hi1;
+      codes(p, lo0, hi0);
+      codes(p + 1, lo1, hi1);
       for (int m = 0; m < M; ++m) {
-        __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
-        __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones);  // 8 x int32
-        acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(sc[g] * xd[m * groups + g]),
-                                        acc[m][g & 1]);
+        acc[m][0] = pair_step(p, lo0, hi0, m, acc[m][0]);
+        acc[m][kChains - 1] = pair_step(p + 1, lo1, hi1, m, acc[m][kChains - 1]);
       }
     }
-    // the min term: sum over groups of min * the block's exact activation sum
-    for (int m = 0; m < M; ++m)
-      out[m * N + n] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + dot_f32(mn, xsum + m * groups, groups);
+    if (p < pairs) {
+      __m256i lo, hi;
+      codes(p, lo, hi);
+      for (int m = 0; m < M; ++m) acc[m][0] = pair_step(p, lo, hi, m, acc[m][0]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float r = hsum(kChains == 2 ? _mm256_add_ps(acc[m][0], acc[m][kChains - 1]) : acc[m][0]);
+      if (groups & 1) {  // an odd last group, stored as is: inputs 0..15 low nibbles, 16..31 high
+        const int64_t g = groups - 1;
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
+        const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
+        const float s = M == 1 ? sc[g] : sc[g] * xd[m * groups + g];
+        r += hsum(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))) * s;
+      }
+      out[m * N + n] = r + dot_f32(mn, xsum + m * groups, groups);
+    }
   }
 }
+#define INT4_PAIRED_ACTIVATIONS true
 #define INT8_ROWS int8_rows_avx2
 #define DENSE_ROWS dense_rows_avx2
 #define INT4_ROWS int4_rows_q8_avx2
@@ -286,6 +328,7 @@ void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, con
 #define DENSE_ROWS dense_rows
 #define INT4_ROWS int4_rows_q8
 #define INT4_F32_ROWS int4_rows_f32
+#define INT4_PAIRED_ACTIVATIONS false
 #endif
 
 void check_x(const torch::Tensor& x, int64_t K) {
@@ -335,8 +378,10 @@ void int8_matmul(const float* x, int64_t M, const int8_t* q, const float* scales
 }
 
 // Each 32-input block of x becomes d * xq with xq in -127..127 (d = max |x| / 127); xsum: exact block sums.
-void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xsum) {
-  const int64_t groups = K / kGroup;
+// paired: the layout of int4_rows_q8_avx2: per pair of blocks (2p, 2p + 1), 64 bytes holding inputs 0-15
+// of 2p, 0-15 of 2p + 1, 16-31 of 2p, 16-31 of 2p + 1 (an odd last block stays as it is).
+void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xsum, bool paired) {
+  const int64_t groups = K / kGroup, half = kGroup / 2;
   for (int64_t i = 0; i < M * groups; ++i) {
     const float* v = x + i * kGroup;
     float amax = 0.f, sum = 0.f;
@@ -345,7 +390,17 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
       sum += v[j];
     }
     const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    for (int64_t j = 0; j < kGroup; ++j) xq[i * kGroup + j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+    const int64_t row = i / groups, g = i % groups;
+    int8_t* lo = xq + i * kGroup;  // inputs 0..15 of the block, then 16..31
+    int8_t* hi = lo + half;
+    if (paired && g < groups - groups % 2) {
+      lo = xq + row * K + (g / 2) * 2 * kGroup + (g % 2) * half;
+      hi = lo + kGroup;
+    }
+    for (int64_t j = 0; j < half; ++j) {
+      lo[j] = static_cast<int8_t>(std::nearbyint(v[j] * inv));
+      hi[j] = static_cast<int8_t>(std::nearbyint(v[half + j] * inv));
+    }
     xd[i] = d;
     xsum[i] = sum;
   }
@@ -372,7 +427,7 @@ void int4_matmul(const float* x, int64_t M, const uint8_t* q, const at::Half* sc
   std::vector<float> xd(M * groups);
   at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
     quantize_rows_q8(x + begin * K, end - begin, K, xq.data() + begin * K, xd.data() + begin * groups,
-                     xsum.data() + begin * groups);
+                     xsum.data() + begin * groups, INT4_PAIRED_ACTIVATIONS);
   });
   // NOTE: tiles of 16 output channels by 8 rows: a tile's codes stay in L1 while every row chunk
   // passes over them, so many rows (prefill, large batches) read the weights from memory once
