@@ -57,6 +57,25 @@ struct Layer {
   Lin qkv, o, gate_up, down;
 };
 
+// SwiGLU: out[b, i] = silu(gate[b, i]) * up[b, i], with gu[b] = [gate | up] (2 * inter floats)
+void silu_mul_rows(const float* gu, float* out, int64_t B, int64_t inter) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* g = gu + b * 2 * inter;
+    const float* u = g + inter;
+    float* o = out + b * inter;
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= inter; i += 8) {
+      const __m256 x = _mm256_loadu_ps(g + i);
+      const __m256 e = pagellm::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+}
+
 template <typename T>
 void store_row(T* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // bf16: round to nearest even
@@ -160,13 +179,8 @@ class DecodeStack {
       for (int64_t i = 0; i < B * hidden_; ++i) xp[i] += tp[i];
       pagellm::rms_norm_rows(xp, L.ln2.data_ptr<float>(), hp, B, hidden_, eps_);
       L.gate_up.run(hp, B, gu.data_ptr<float>());
-      const float* gup = gu.data_ptr<float>();
-      float* ap = act.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        const float* g = gup + b * 2 * inter_;
-        for (int64_t i = 0; i < inter_; ++i) ap[b * inter_ + i] = g[i] / (1.f + std::exp(-g[i])) * g[inter_ + i];
-      }
-      L.down.run(ap, B, tp);
+      silu_mul_rows(gu.data_ptr<float>(), act.data_ptr<float>(), B, inter_);
+      L.down.run(act.data_ptr<float>(), B, tp);
       for (int64_t i = 0; i < B * hidden_; ++i) xp[i] += tp[i];
     }
     return x;

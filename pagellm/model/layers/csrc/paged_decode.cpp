@@ -3,13 +3,18 @@
 // heads of one GQA group share each key/value row read, and a long context is cut into splits so
 // that a small batch still has work for every thread (each split keeps its own softmax max and sum;
 // the splits are merged at the end, as in flash-decoding).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PAGELLM_ATTN_AVX2 1
+#endif
 
 namespace {
 
@@ -24,6 +29,88 @@ inline const float* row_as_float(const T* row, float* scratch, int64_t n) {
 template <>
 inline const float* row_as_float<float>(const float* row, float*, int64_t) { return row; }
 
+
+#ifdef PAGELLM_ATTN_AVX2
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One work item with AVX2: the `group` query heads of one KV head against tokens t0..t0+n of one
+// sequence. Scores: each key row is widened once and dotted with every head; softmax with the
+// vector exp; values: one head at a time, its output in registers. o: [group, HD] unnormalized.
+template <typename T, int HD>
+void attend_avx2(const float* qg, int64_t group, const T* k_cache, const T* v_cache, const int64_t* table,
+                 int64_t block_size, int64_t row_stride, int64_t kv_head, int64_t t0, int64_t n, float scale,
+                 float* scores, float* o, float* mx_out, float* sum_out) {
+  constexpr int V = HD / 8;
+  // the rows' offsets, walking the block table once (no division per token: a 64-bit divide is ~40
+  // cycles, more than a row's arithmetic)
+  std::vector<int64_t> rows(n);
+  {
+    int64_t b = t0 / block_size, j = t0 % block_size;
+    for (int64_t t = 0; t < n; ++t) {
+      rows[t] = (table[b] * block_size + j) * row_stride + kv_head * HD;
+      if (++j == block_size) {
+        j = 0;
+        ++b;
+      }
+    }
+  }
+  auto row_of = [&](const T* cache, int64_t t) { return cache + rows[t]; };
+  for (int64_t t = 0; t < n; ++t) {
+    const T* key = row_of(k_cache, t);
+    __m256 kv[V];
+    for (int i = 0; i < V; ++i) kv[i] = load8f(key + 8 * i);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qh = qg + g * HD;
+      __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), kv[0]);
+      __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(qh + 8), kv[1]);
+      for (int i = 2; i < V; i += 2) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), kv[i], a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i + 8), kv[i + 1], a1);
+      }
+      scores[g * n + t] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores + g * n;
+    const float mx = *std::max_element(sc, sc + n);
+    const __m256 mxv = _mm256_set1_ps(mx);
+    __m256 sumv = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+      const __m256 e = pagellm::exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), mxv));
+      _mm256_storeu_ps(sc + t, e);
+      sumv = _mm256_add_ps(sumv, e);
+    }
+    float sum = hsum8(sumv);
+    for (; t < n; ++t) {
+      sc[t] = std::exp(sc[t] - mx);
+      sum += sc[t];
+    }
+    mx_out[g] = mx;
+    sum_out[g] = sum;
+    __m256 acc[V];
+    for (int i = 0; i < V; ++i) acc[i] = _mm256_setzero_ps();
+    for (t = 0; t < n; ++t) {
+      const T* val = row_of(v_cache, t);
+      const __m256 p = _mm256_set1_ps(sc[t]);
+      for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(p, load8f(val + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < V; ++i) _mm256_storeu_ps(o + g * HD + 8 * i, acc[i]);
+  }
+}
+#endif
+
 // HD: the head dim known at compile time (64 or 128: fully unrolled, vectorized loops), 0: any
 template <typename T, int HD>
 void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int64_t* block_table,
@@ -34,8 +121,16 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
   const int64_t row_stride = num_kv_heads * head_dim;  // between tokens of one block
   const int64_t max_len = *std::max_element(seq_lens, seq_lens + num_seqs);
   const int64_t pairs = num_seqs * num_kv_heads;
-  const int64_t wanted = (4 * at::get_num_threads() + pairs - 1) / pairs;  // ~4 items per thread
-  const int64_t splits = std::max<int64_t>(1, std::min(wanted, max_len / kMinSplitTokens));
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted = (4 * threads + pairs - 1) / pairs;  // ~4 items per thread
+  int64_t splits = std::max<int64_t>(1, std::min(wanted, max_len / kMinSplitTokens));
+  // NOTE: a count of items that the threads share evenly (3 KV heads on 2 threads: 2 or 4 splits, not 3)
+  for (int64_t s = splits; s >= 2; --s) {
+    if ((pairs * s) % threads == 0) {
+      splits = s;
+      break;
+    }
+  }
   // per (pair, split, group head): unnormalized output [head_dim], running max, sum of exponentials
   std::vector<float> part_out(pairs * splits * group * head_dim);
   std::vector<float> part_max(pairs * splits * group, -std::numeric_limits<float>::infinity());
@@ -54,6 +149,13 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
       const int64_t* table = block_table + seq * max_blocks;
       const float* qg = q + (seq * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
       scores.assign(group * n, 0.f);
+#ifdef PAGELLM_ATTN_AVX2
+      if constexpr (HD > 0) {
+        attend_avx2<T, HD>(qg, group, k_cache, v_cache, table, block_size, row_stride, kv_head, t0, n, scale,
+                           scores.data(), o, part_max.data() + item * group, part_sum.data() + item * group);
+        continue;
+      }
+#endif
       for (int64_t t = 0; t < n; ++t) {
         const int64_t pos = t0 + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
