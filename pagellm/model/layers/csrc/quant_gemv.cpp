@@ -37,6 +37,10 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;
 constexpr int64_t kTileN = 16;
 constexpr int64_t kMaxGroups = 1024;  // int4: K up to 32768 (per-channel scales converted on the stack)
+// Software prefetch of the weights this many output channels ahead (int4, int8, dense rows). Decode
+// reads each weight matrix once from memory, a few hundred KB at a time between other work, and the
+// hardware streams restart at every matrix: measured on W1 (int4 GGUF), about 1.25x more tokens/s.
+constexpr int64_t kPrefetchRows = 4;
 
 template <int M>
 void int8_rows(const float* x, const int8_t* q, const float* scales, float* out, int64_t N, int64_t K) {
@@ -144,6 +148,10 @@ void int8_rows_avx2(const float* x, const int8_t* q, const float* scales, float*
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = q + n * K;
+      if (n + kPrefetchRows < end) {
+        for (int64_t off = 0; off < K; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + off), _MM_HINT_T0);
+      }
       __m256 acc[M][4];  // NOTE: four independent FMA chains per row: one chain is bound by FMA latency
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
@@ -226,6 +234,10 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = w + n * K;
+      if (n + kPrefetchRows < end) {
+        const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * K);
+        for (int64_t off = 0; off < K * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+      }
       __m256 acc[M][4];
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
@@ -262,6 +274,12 @@ void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, con
   alignas(32) float sc[kMaxGroups], mn[kMaxGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * (K / 2);
+    if (n + kPrefetchRows < N) {
+      const uint8_t* ahead = row + kPrefetchRows * (K / 2);
+      for (int64_t off = 0; off < K / 2; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(scales + (n + kPrefetchRows) * groups), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mins + (n + kPrefetchRows) * groups), _MM_HINT_T0);
+    }
     half_to_float(scales + n * groups, sc, groups);
     half_to_float(mins + n * groups, mn, groups);
     if constexpr (M == 1) {  // fold the activation block scales in once
