@@ -120,11 +120,11 @@ class LiteTokenizer:
 
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
         """tokenizer(text).input_ids / ["input_ids"], as with an HF tokenizer (no padding, no tensors)."""
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        out = _Encoding(input_ids=ids if not isinstance(text, str) else ids[0])
-        out["attention_mask"] = [[1] * len(i) for i in ids] if not isinstance(text, str) else [1] * len(ids[0])
-        return out
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens=add_special_tokens)
+            return _Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+        batch = [self.encode(t, add_special_tokens=add_special_tokens) for t in text]
+        return _Encoding(input_ids=batch, attention_mask=[[1] * len(ids) for ids in batch])
 
     def decode(self, token_ids: int | list[int], skip_special_tokens: bool = False) -> str:
         if isinstance(token_ids, int):

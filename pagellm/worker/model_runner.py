@@ -53,8 +53,7 @@ class ModelRunner:
                  lora_config: LoRAConfig | None = None, compile: bool = False, max_num_seqs: int = 1,
                  kv_dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         on_gpu = device is not None and device.type != "cpu"
-        if on_gpu and compile:
-            raise InvalidRequest(f"--compile is not supported on {device.type} yet", param="compile")
+        assert not (on_gpu and compile), "LLMEngine refuses --compile off the CPU"
         self.model = model
         self.lora = LoRAManager(model, lora_config, dtype) if lora_config is not None else None
         self.block_size = block_size

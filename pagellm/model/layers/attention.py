@@ -41,7 +41,7 @@ class AttentionMetadata:
     virtual_values: torch.Tensor | None = None
 
 
-_KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernel's; a float16 cache takes the torch path
+KERNEL_CACHE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ kernels'; a float16 cache takes the torch path
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -58,7 +58,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return torch.ops.pagellm.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
                                                         meta.decode_seq_lens, scale)
     kernel = None
-    if meta.decode_seq_lens is not None and q.device.type == "cpu" and k_cache.dtype in _KERNEL_CACHE_DTYPES:
+    if meta.decode_seq_lens is not None and q.device.type == "cpu" and k_cache.dtype in KERNEL_CACHE_DTYPES:
         kernel = attention_kernel()
     if kernel is not None:
         # NOTE: reads each sequence's blocks where they lie: no gather into a padded [B, L] copy

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagellm.model.layers.attention import AttentionMetadata, packed_causal_metadata, paged_attention
+from pagellm.model.layers.attention import (
+    KERNEL_CACHE_DTYPES,
+    AttentionMetadata,
+    packed_causal_metadata,
+    paged_attention,
+)
 from pagellm.model.layers.kernels import load_kernel
 from pagellm.model.layers.linear import Linear
 from pagellm.model.layers.norm import RMSNorm
@@ -139,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         kernel = load_kernel()
         if kernel is None or self.embed_tokens.weight.dtype != torch.float32:
             return None
-        if any(k.dtype not in (torch.float32, torch.bfloat16) for k, _ in kv_caches):  # e.g. a float16 cache
+        if any(k.dtype not in KERNEL_CACHE_DTYPES for k, _ in kv_caches):  # e.g. a float16 cache
             return None
         attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
         stack = kernel.DecodeStack(self.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,

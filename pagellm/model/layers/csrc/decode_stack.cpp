@@ -64,7 +64,7 @@ void silu_mul_rows(const float* gu, float* out, int64_t B, int64_t inter) {
     const float* u = g + inter;
     float* o = out + b * inter;
     int64_t i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef PAGELLM_AVX2
     const __m256 one = _mm256_set1_ps(1.f);
     for (; i + 8 <= inter; i += 8) {
       const __m256 x = _mm256_loadu_ps(g + i);

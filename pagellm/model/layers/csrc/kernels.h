@@ -5,11 +5,32 @@
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#define PAGELLM_AVX2 1
 #endif
 
 namespace pagellm {
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef PAGELLM_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 floats from float32 or bfloat16 memory (bf16 is the top half of a float32: widen and shift)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Software prefetch of `bytes` from `p` into L1, a cache line at a time
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
 // e^x, 8 at a time, x clamped to [-87, 88] (so no overflow, and ~1e-38 rather than 0 far below):
 // x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error ~1e-7), 2^n built
 // in the exponent bits. For the softmax of attention and SiLU, which libm computes one at a time.

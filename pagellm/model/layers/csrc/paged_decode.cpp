@@ -11,10 +11,6 @@
 #include <cmath>
 #include <limits>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PAGELLM_ATTN_AVX2 1
-#endif
 
 namespace {
 
@@ -30,20 +26,7 @@ template <>
 inline const float* row_as_float<float>(const float* row, float*, int64_t) { return row; }
 
 
-#ifdef PAGELLM_ATTN_AVX2
-inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8f(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
+#ifdef PAGELLM_AVX2
 // One work item with AVX2: the `group` query heads of one KV head against tokens t0..t0+n of one
 // sequence. Scores: each key row is widened once and dotted with every head; softmax with the
 // vector exp; values: one head at a time, its output in registers. o: [group, HD] unnormalized.
@@ -69,7 +52,7 @@ void attend_avx2(const float* qg, int64_t group, const T* k_cache, const T* v_ca
   for (int64_t t = 0; t < n; ++t) {
     const T* key = row_of(k_cache, t);
     __m256 kv[V];
-    for (int i = 0; i < V; ++i) kv[i] = load8f(key + 8 * i);
+    for (int i = 0; i < V; ++i) kv[i] = pagellm::load8(key + 8 * i);
     for (int64_t g = 0; g < group; ++g) {
       const float* qh = qg + g * HD;
       __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(qh), kv[0]);
@@ -78,7 +61,7 @@ void attend_avx2(const float* qg, int64_t group, const T* k_cache, const T* v_ca
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i), kv[i], a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * i + 8), kv[i + 1], a1);
       }
-      scores[g * n + t] = hsum8(_mm256_add_ps(a0, a1)) * scale;
+      scores[g * n + t] = pagellm::hsum8(_mm256_add_ps(a0, a1)) * scale;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -92,7 +75,7 @@ void attend_avx2(const float* qg, int64_t group, const T* k_cache, const T* v_ca
       _mm256_storeu_ps(sc + t, e);
       sumv = _mm256_add_ps(sumv, e);
     }
-    float sum = hsum8(sumv);
+    float sum = pagellm::hsum8(sumv);
     for (; t < n; ++t) {
       sc[t] = std::exp(sc[t] - mx);
       sum += sc[t];
@@ -104,7 +87,7 @@ void attend_avx2(const float* qg, int64_t group, const T* k_cache, const T* v_ca
     for (t = 0; t < n; ++t) {
       const T* val = row_of(v_cache, t);
       const __m256 p = _mm256_set1_ps(sc[t]);
-      for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(p, load8f(val + 8 * i), acc[i]);
+      for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(p, pagellm::load8(val + 8 * i), acc[i]);
     }
     for (int i = 0; i < V; ++i) _mm256_storeu_ps(o + g * HD + 8 * i, acc[i]);
   }
@@ -149,7 +132,7 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
       const int64_t* table = block_table + seq * max_blocks;
       const float* qg = q + (seq * num_heads + kv_head * group) * head_dim;  // [group, head_dim]
       scores.assign(group * n, 0.f);
-#ifdef PAGELLM_ATTN_AVX2
+#ifdef PAGELLM_AVX2
       if constexpr (HD > 0) {
         attend_avx2<T, HD>(qg, group, k_cache, v_cache, table, block_size, row_stride, kv_head, t0, n, scale,
                            scores.data(), o, part_max.data() + item * group, part_sum.data() + item * group);

@@ -26,10 +26,6 @@
 #include <vector>
 #include <cstdlib>
 #include <cstring>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PAGELLM_AVX2 1
-#endif
 
 namespace {
 
@@ -134,12 +130,9 @@ void dense_rows(const float* x, const T* w, float* out, int64_t N, int64_t K) {
 }
 
 #ifdef PAGELLM_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using pagellm::hsum8;
+using pagellm::load8;
+using pagellm::prefetch_bytes;
 
 inline __m256 sum4(const __m256* v) { return _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])); }
 
@@ -148,10 +141,7 @@ void int8_rows_avx2(const float* x, const int8_t* q, const float* scales, float*
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = q + n * K;
-      if (n + kPrefetchRows < end) {
-        for (int64_t off = 0; off < K; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * K + off), _MM_HINT_T0);
-      }
+      if (n + kPrefetchRows < end) prefetch_bytes(row + kPrefetchRows * K, K);
       __m256 acc[M][4];  // NOTE: four independent FMA chains per row: one chain is bound by FMA latency
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
@@ -167,7 +157,7 @@ void int8_rows_avx2(const float* x, const int8_t* q, const float* scales, float*
           for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
         }
       }
-      for (int m = 0; m < M; ++m) out[m * N + n] = hsum(sum4(acc[m])) * scales[n];
+      for (int m = 0; m < M; ++m) out[m * N + n] = hsum8(sum4(acc[m])) * scales[n];
     }
   });
 }
@@ -184,7 +174,7 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m256 s = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
-  float r = hsum(s);
+  float r = hsum8(s);
   for (; i < n; ++i) r += a[i] * b[i];
   return r;
 }
@@ -217,14 +207,9 @@ void int4_rows_f32_avx2(const float* x, const float* /*xsum*/, const uint8_t* q,
           for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i]);
         }
       }
-      for (int m = 0; m < M; ++m) out[m * N + n] = hsum(sum4(acc[m]));
+      for (int m = 0; m < M; ++m) out[m * N + n] = hsum8(sum4(acc[m]));
     }
   });
-}
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of a float32: widen and shift
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 // float32 / bfloat16 weights; K need not be a multiple of 32 (a scalar tail)
@@ -234,10 +219,7 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* row = w + n * K;
-      if (n + kPrefetchRows < end) {
-        const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * K);
-        for (int64_t off = 0; off < K * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
-      }
+      if (n + kPrefetchRows < end) prefetch_bytes(row + kPrefetchRows * K, K * static_cast<int64_t>(sizeof(T)));
       __m256 acc[M][4];
       for (int m = 0; m < M; ++m)
         for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
@@ -249,7 +231,7 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
         }
       }
       for (int m = 0; m < M; ++m) {
-        float s = hsum(sum4(acc[m]));
+        float s = hsum8(sum4(acc[m]));
         for (int64_t k = K32; k < K; ++k) s += x[m * K + k] * static_cast<float>(row[k]);
         out[m * N + n] = s;
       }
@@ -275,10 +257,9 @@ void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, con
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * (K / 2);
     if (n + kPrefetchRows < N) {
-      const uint8_t* ahead = row + kPrefetchRows * (K / 2);
-      for (int64_t off = 0; off < K / 2; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(scales + (n + kPrefetchRows) * groups), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mins + (n + kPrefetchRows) * groups), _MM_HINT_T0);
+      prefetch_bytes(row + kPrefetchRows * (K / 2), K / 2);
+      prefetch_bytes(scales + (n + kPrefetchRows) * groups, groups * 2);
+      prefetch_bytes(mins + (n + kPrefetchRows) * groups, groups * 2);
     }
     half_to_float(scales + n * groups, sc, groups);
     half_to_float(mins + n * groups, mn, groups);
@@ -323,14 +304,14 @@ void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, con
       for (int m = 0; m < M; ++m) acc[m][0] = pair_step(p, lo, hi, m, acc[m][0]);
     }
     for (int m = 0; m < M; ++m) {
-      float r = hsum(kChains == 2 ? _mm256_add_ps(acc[m][0], acc[m][kChains - 1]) : acc[m][0]);
+      float r = hsum8(kChains == 2 ? _mm256_add_ps(acc[m][0], acc[m][kChains - 1]) : acc[m][0]);
       if (groups & 1) {  // an odd last group, stored as is: inputs 0..15 low nibbles, 16..31 high
         const int64_t g = groups - 1;
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
         const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
         const float s = M == 1 ? sc[g] : sc[g] * xd[m * groups + g];
-        r += hsum(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))) * s;
+        r += hsum8(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))) * s;
       }
       out[m * N + n] = r + dot_f32(mn, xsum + m * groups, groups);
     }
@@ -354,6 +335,14 @@ void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
   TORCH_CHECK(x.size(0) >= 1, "x has no rows");
   TORCH_CHECK(K % kGroup == 0, "K must be a multiple of ", kGroup);
+}
+
+// int4 scales and mins: [N, K / 32] float16 each (`count` values)
+void check_int4_scales(const torch::Tensor& scales, const torch::Tensor& mins, int64_t count) {
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == count,
+              "scales must be [N, K / 32] float16");
+  TORCH_CHECK(mins.scalar_type() == torch::kHalf && mins.is_contiguous() && mins.numel() == count,
+              "mins must be [N, K / 32] float16");
 }
 
 #define DISPATCH_ROWS(M_RUNTIME, FN, ...)             \
@@ -505,10 +494,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
   const int64_t N = q.size(0), K = q.size(1) * 2;
   check_x(x, K);
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == N * K / kGroup,
-              "scales must be [N, K / 32] float16");
-  TORCH_CHECK(mins.scalar_type() == torch::kHalf && mins.is_contiguous() && mins.numel() == N * K / kGroup,
-              "mins must be [N, K / 32] float16");
+  check_int4_scales(scales, mins, N * K / kGroup);
   auto out = torch::empty({x.size(0), N}, x.options());
   pagellm::int4_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
                        mins.data_ptr<at::Half>(), out.data_ptr<float>(), N, K);
@@ -519,10 +505,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
   const int64_t N = q.size(0), K = q.size(1) * 2, groups = K / kGroup;
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.numel() == N * groups,
-              "scales must be [N, K / 32] float16");
-  TORCH_CHECK(mins.scalar_type() == torch::kHalf && mins.is_contiguous() && mins.numel() == N * groups,
-              "mins must be [N, K / 32] float16");
+  check_int4_scales(scales, mins, N * groups);
   auto out = torch::empty({N, K}, scales.options().dtype(torch::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
