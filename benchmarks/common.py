@@ -113,16 +113,37 @@ def write_result(name: str, result: dict, out: str | None) -> None:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    result["cpu"] = _cpu_name()
+    result["cpu"] = _cpuinfo_field("model name")
+    result["cpu_flags"] = _cpuinfo_field("flags")  # what lscpu lists as Flags
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _cpu_name() -> str:
+# --cpu-kind: make pagellm take another CPU kind's branch (the kernels stay this machine's build), to
+# measure that branch's numerics here; its speed only means something on a CPU of that kind
+CPU_KINDS = {
+    "avx2": "avx2 fma",
+    "avx512_bf16": "avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16",
+    "amx": "avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8",
+}
+
+
+def apply_cpu_kind(kind: str | None) -> None:
+    """Patch pagellm's CPU feature detection to `kind` (None or "native": leave it)."""
+    if kind in (None, "native"):
+        return
+    from pagellm.model.layers import kernels
+
+    features = kernels.CpuFeatures.from_flags(CPU_KINDS[kind])
+    kernels.cpu_features = lambda: features
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first /proc/cpuinfo line of `name` (model name, flags), or "unknown"."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass

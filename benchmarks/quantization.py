@@ -9,10 +9,15 @@ bf16, the packed weight bytes, load time and peak RSS. Schemes:
   int4-gguf    the GGUF's own Q4_1 blocks, kept packed (the default: --quantization auto); its
                few-row kernel quantizes activations to int8 per 32-wide block (as llama.cpp does)
   int4-gguf-float-act  the same with float activations (PAGELLM_INT4_ACT=float)
+  int4-gguf-bf16-act   the same Q4_1 blocks under bf16 activations: the branch CPUs with native bf16
+               took before issue 12 (now through the packed kernels, not dequantization); kept to
+               measure what computing a packed model in bf16 would cost
   int8         bf16 weights quantized per channel by pagellm
   int4         bf16 weights quantized in groups of 32 by pagellm
 The last two start from an HF folder of the dequantized model, so pagellm's own quantizers run.
-Usage: python benchmarks/quantization.py [--out FILE]
+--cpu-kind avx2|avx512_bf16|amx takes that CPU kind's branch (patched detection: numerics only);
+--schemes picks some schemes (bf16 is always measured: the reference).
+Usage: python benchmarks/quantization.py [--out FILE] [--cpu-kind KIND] [--schemes a,b]
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ import tempfile
 import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import base_parser, fixed_text, load_average, peak_rss_mib, run_child, write_result  # noqa: E402
+from common import (  # noqa: E402
+    CPU_KINDS,
+    apply_cpu_kind,
+    base_parser,
+    fixed_text,
+    load_average,
+    peak_rss_mib,
+    run_child,
+    write_result,
+)
 
 PROMPTS = [
     "What is the capital of France?",
@@ -40,6 +54,7 @@ SCHEMES = {  # name -> (source, LLM keyword arguments)
     "bf16": ("gguf", {"dtype": "bfloat16", "quantization": "none"}),
     "int4-gguf": ("gguf", {"quantization": "auto"}),
     "int4-gguf-float-act": ("gguf", {"quantization": "auto"}),
+    "int4-gguf-bf16-act": ("gguf", {"quantization": "auto"}),
     "int8": ("folder", {"dtype": "bfloat16", "quantization": "int8"}),
     "int4": ("folder", {"dtype": "bfloat16", "quantization": "int4"}),
 }
@@ -53,6 +68,14 @@ def measure(scheme: str, folder: str) -> dict:
     source, kwargs = SCHEMES[scheme]
     if scheme.endswith("-float-act"):
         os.environ["PAGELLM_INT4_ACT"] = "float"  # read by the C++ int4 kernel on each call
+    if scheme.endswith("-bf16-act"):  # packed weights under bf16 activations, as before issue 12
+        import torch
+
+        from pagellm.model.loader import model_loader
+
+        dtype_for = model_loader.compute_dtype_for
+        model_loader.compute_dtype_for = lambda dtype, device=None, quantization=None: (
+            torch.bfloat16 if quantization else dtype_for(dtype, device))
     start = time.perf_counter()
     llm = LLM(folder if source == "folder" else None, max_num_seqs=8, **kwargs)
     load_s = time.perf_counter() - start
@@ -124,18 +147,25 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--scheme", default=None, help=__import__("argparse").SUPPRESS)
     p.add_argument("--folder", default="", help=__import__("argparse").SUPPRESS)
+    p.add_argument("--cpu-kind", default="native", choices=["native", *CPU_KINDS])
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma list (default: all)")
     args = p.parse_args()
     if args.child:
+        apply_cpu_kind(args.cpu_kind)
         print(json.dumps(measure(args.scheme, args.folder)))
         return
+    schemes = ["bf16"] + [s for s in args.schemes.split(",") if s != "bf16"]
+    if unknown := set(schemes) - set(SCHEMES):
+        raise SystemExit(f"unknown schemes {sorted(unknown)}; choose from {', '.join(SCHEMES)}")
     result = {"workload": "quantization accuracy", "text": "tests/data/sentiment (joined)", "gen_len": GEN_LEN,
-              "load_avg_before": load_average()}
+              "cpu_kind": args.cpu_kind, "load_avg_before": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
-        write_dequantized_folder(tmp)
-        for scheme in SCHEMES:
-            result[scheme] = run_child(__file__, ["--scheme", scheme, "--folder", tmp])
+        if any(SCHEMES[s][0] == "folder" for s in schemes):
+            write_dequantized_folder(tmp)
+        for scheme in schemes:
+            result[scheme] = run_child(__file__, ["--scheme", scheme, "--folder", tmp, "--cpu-kind", args.cpu_kind])
     ref = result["bf16"]
-    for scheme in SCHEMES:
+    for scheme in schemes:
         r = result[scheme]
         r["perplexity_vs_bf16"] = r["perplexity"] / ref["perplexity"]
         r["decode_perplexity_vs_bf16"] = r["decode_perplexity"] / ref["decode_perplexity"]

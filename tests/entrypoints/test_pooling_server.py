@@ -67,8 +67,12 @@ def test_base64_is_little_endian_float32_and_token_id_inputs_work(embed_server, 
     raw = _post(embed_server, "/v1/embeddings", {"input": [ids, ids[:3]], "encoding_format": "base64"}).json()
     assert raw["object"] == "list" and raw["data"][0]["object"] == "embedding" and raw["id"].startswith("embd-")
     decoded = [struct.unpack("<64f", base64.b64decode(d["embedding"])) for d in raw["data"]]
+    same_batch = _post(embed_server, "/v1/embeddings", {"input": [ids, ids[:3]]}).json()["data"]
+    assert [list(d) for d in decoded] == [d["embedding"] for d in same_batch]  # base64 is exact
     floats = _post(embed_server, "/v1/embeddings", {"input": ids}).json()["data"]  # one token-id prompt
-    assert len(floats) == 1 and list(decoded[0]) == pytest.approx(floats[0]["embedding"], abs=1e-7)
+    # NOTE: the same text in a batch of two and alone: GEMM blocking depends on the row count, so the
+    # float32 sums may round differently (seen at ~1e-7 on an AVX-512 CPU)
+    assert len(floats) == 1 and list(decoded[0]) == pytest.approx(floats[0]["embedding"], abs=1e-6)
     want = offline_embed.embed([ids[:3]], use_tqdm=False)[0].outputs.embedding
     assert list(decoded[1]) == pytest.approx(want, abs=1e-6)
     assert raw["usage"] == {"prompt_tokens": len(ids) + 3, "total_tokens": len(ids) + 3}

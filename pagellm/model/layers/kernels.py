@@ -1,15 +1,19 @@
 """pagellm's compiled CPU kernels (csrc/): paged decode attention and few-row int8/int4 matmuls.
 
-Built once with torch's C++ extension loader (cached under ~/.cache/torch_extensions); when no
-compiler is available, or PAGELLM_KERNELS=torch, every caller keeps its pure-torch path
-(PAGELLM_ATTENTION=torch turns off only the attention kernel).
+Built once per CPU kind with torch's C++ extension loader (cached under ~/.cache/torch_extensions,
+or $TORCH_EXTENSIONS_DIR, in a folder named for the CPU's instruction-set features, so a cache copied
+to another CPU is never loaded there). When no compiler is available, or PAGELLM_KERNELS=torch,
+every caller keeps its pure-torch path (PAGELLM_ATTENTION=torch turns off only the attention kernel).
+`cpu_features()` is the one place that reads what the CPU can do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -21,6 +25,59 @@ _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp",
                                                                    "decode_stack.cpp")]
 _module = None
 _failed = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuFeatures:
+    """The x86 instruction-set extensions that choose pagellm's kernel paths (AVX2 + FMA is the floor)."""
+
+    avx2: bool = False
+    fma: bool = False
+    avx512f: bool = False
+    avx512bw: bool = False
+    avx512vl: bool = False
+    avx512_vnni: bool = False
+    avx512_bf16: bool = False
+    amx_tile: bool = False
+    amx_bf16: bool = False
+    amx_int8: bool = False
+
+    @classmethod
+    def from_flags(cls, flags: set[str] | str) -> CpuFeatures:
+        """From /proc/cpuinfo's (or lscpu's) flag names."""
+        names = set(flags.split()) if isinstance(flags, str) else set(flags)
+        return cls(**{f.name: f.name in names for f in dataclasses.fields(cls)})
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matmuls run in hardware (AVX512-BF16 or AMX-BF16) instead of torch's float32 emulation."""
+        return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+
+    def build_key(self) -> str:
+        """A short tag of the feature set: the kernel build folder's suffix."""
+        return hashlib.sha1(",".join(self.names).encode()).hexdigest()[:10]
+
+
+@cache
+def cpu_features() -> CpuFeatures:
+    """This CPU's features, read once from /proc/cpuinfo (none where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return CpuFeatures.from_flags(line.partition(":")[2])
+    except OSError:
+        pass
+    return CpuFeatures()
+
+
+def kernel_module_name(features: CpuFeatures | None = None) -> str:
+    """The extension's name, and so its build folder: one per CPU feature set, since the build is -march=native."""
+    return f"pagellm_kernels_{(features or cpu_features()).build_key()}"
 
 
 def load_kernel():
@@ -37,7 +94,7 @@ def load_kernel():
         # NOTE: torch's loader rebuilds when a source or a flag changes, not a header: the header's
         # hash goes into the flags
         header = hashlib.sha1(_SOURCES[0].with_name("kernels.h").read_bytes()).hexdigest()[:12]
-        _module = load("pagellm_kernels", sources=[str(s) for s in _SOURCES],
+        _module = load(kernel_module_name(), sources=[str(s) for s in _SOURCES],
                        extra_include_paths=[str(_SOURCES[0].parent)],
                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DPAGELLM_HEADER={header}"],
                        extra_ldflags=["-fopenmp"], verbose=False)
@@ -54,7 +111,9 @@ def attention_kernel():
 
 if __name__ == "__main__":  # `python -m pagellm.model.layers.kernels`: build (or find) the kernels
     logging.basicConfig(level=logging.INFO)
-    print("C++ kernels:", "ready" if load_kernel() is not None else "unavailable (torch paths)")
+    print("CPU features:", " ".join(cpu_features().names) or "none that pagellm uses")
+    ready = load_kernel() is not None
+    print("C++ kernels:", f"ready ({kernel_module_name()})" if ready else "unavailable (torch paths)")
 
 
 # ---- the same kernels as torch custom ops, for torch.compile (--compile) ----------------------------

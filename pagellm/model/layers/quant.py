@@ -175,15 +175,16 @@ class QuantizedLinear(nn.Module):
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [rows, in] through a packed kernel, without bias; None where none applies."""
-        if torch.compiler.is_compiling():  # the same kernels as custom ops (kernels.compile_ops)
-            kernel = torch.ops.pagellm
-        else:
-            kernel = load_kernel() if x.dtype == torch.float32 else None
+        kernel = torch.ops.pagellm if torch.compiler.is_compiling() else load_kernel()  # custom ops when traced
         if kernel is not None:
-            x = x.contiguous()
+            # NOTE: the kernels take float32 rows; other activations (a caller computing in bf16) are
+            # widened here, a few KB, rather than dequantizing the whole matrix for the call
+            x32 = x.to(torch.float32).contiguous()
             if self.scheme == "int8":
-                return kernel.int8_gemv(x, self.qweight, self.scales)
-            return kernel.int4_gemv(x, self.qweight, self.scales, self.mins)
+                out = kernel.int8_gemv(x32, self.qweight, self.scales)
+            else:
+                out = kernel.int4_gemv(x32, self.qweight, self.scales, self.mins)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         if self.scheme == "int8":  # no C++ kernels: torch's, on bf16 activations
             if self._bf16_scales is None:
                 self._bf16_scales = self.scales.to(torch.bfloat16)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from functools import cache
 
 import torch
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers import kernels
 from pagellm.model.layers.linear import pack_linears
 from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint, packed_scheme
@@ -22,17 +22,6 @@ from pagellm.model.models.registry import get_model_class
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AMX-BF16 or AVX512-BF16, where bf16 matmuls beat float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -69,18 +58,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     raise InvalidRequest(f"device must be one of auto, cpu, cuda, cuda:N; got {device!r}", param="device")
 
 
-def compute_dtype_for(dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """Activation/KV dtype for a weight dtype on `device` (None: cpu).
+def compute_dtype_for(dtype: torch.dtype, device: torch.device | None = None,
+                      quantization: str | None = None) -> torch.dtype:
+    """Activation dtype for a weight dtype on `device` (None: cpu), with packed weights when `quantization`.
 
     NOTE: on CPUs without native bf16 math (no AMX/AVX512-BF16) torch emulates bf16 matmuls,
     several times slower than float32. There a bfloat16 model keeps bf16-valued weights but
     computes in float32: few-row (decode) matmuls read the bf16 copy, which halves the bytes
     of a bandwidth-bound GEMV, and larger ones run float32 oneDNN kernels on the same values.
-    A GPU computes in the weight dtype.
+    Packed int8/int4 weights compute in float32 on every CPU: their kernels and the fused decode
+    stack take float32 activations, and bf16 activations on top of 4-bit weights lost the bundled
+    model's answers on a Zen 4 CPU (issue 12). A GPU computes in the weight dtype.
     """
     if device is not None and device.type != "cpu":
         return dtype
-    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+    if quantization is not None:
+        return torch.float32
+    if dtype == torch.bfloat16 and not kernels.cpu_features().native_bf16:
         return torch.float32
     return dtype
 
@@ -257,7 +251,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None
                device: torch.device | None = None) -> torch.nn.Module:
     """Instantiate the architecture on `device` (None: cpu) with `dtype` weights and load them (no grad).
 
-    The parameters' dtype is ``compute_dtype_for(dtype, device)``; ``model.weight_dtype`` keeps `dtype`.
+    The parameters' dtype is ``compute_dtype_for(dtype, device, quantization)``; ``model.weight_dtype`` keeps `dtype`.
     `quantization` (int8 | int4, CPU only) keeps the Linear weights packed (model.quantization says which).
     """
     on_gpu = device is not None and device.type != "cpu"
@@ -267,7 +261,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None
     else:
         config, weights = checkpoint_weights(source)
     cls = get_model_class(getattr(config, "architectures", None))
-    run_dtype = compute_dtype_for(dtype, device)
+    run_dtype = compute_dtype_for(dtype, device, quantization)
     if run_dtype != dtype:  # bf16 values held in float32
         weights = ((name, t if isinstance(t, QuantizedWeight) else t.to(dtype).to(run_dtype)) for name, t in weights)
     if quantization is not None and not hasattr(cls, "load_weights"):
