@@ -14,6 +14,16 @@ from pagellm.model.loader.resolve import resolve_model  # noqa: E402
 from pagellm.tokenizer import load_hf_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` (selected with `-m gpu`) are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def bundled_tokenizer():
     return load_hf_tokenizer(resolve_model(None))

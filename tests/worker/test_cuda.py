@@ -16,7 +16,7 @@ from pagellm.model.loader.resolve import ModelSource
 from tests.tiny_models import llama_config, qwen2_config, save_causal_lm
 
 HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # selected by `pytest -m gpu`; tests/conftest.py skips them without CUDA
 no_gpu = pytest.mark.skipif(HAS_CUDA, reason="checks the error raised where CUDA is missing")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
