@@ -54,7 +54,7 @@ def kernels(k: int, n: int, rows: int):
     if module is not None:
         q4_packed, s4, m4 = pack_int4(q4.qweight), q4.scales.half().contiguous(), q4.mins.half().contiguous()
         out["pagellm_int8"] = lambda: module.int8_gemv(x, q8.qweight, q8.scales)
-        out["pagellm_int4"] = lambda: module.int4_gemv(x, q4_packed, s4, m4)
+        out["pagellm_int4"] = lambda: module.int4_gemv(x, q4_packed, s4, m4, True)
     return out
 
 

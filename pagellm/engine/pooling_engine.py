@@ -22,6 +22,7 @@ from pagellm.config import ModelConfig
 from pagellm.engine.async_llm import EngineDeadError
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers.kernels import apply_kernel_plan, plan_kernels
 from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
 from pagellm.model.loader.model_loader import compute_dtype_for, instantiate_empty, resolve_device, resolve_dtype
 from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
@@ -221,6 +222,7 @@ def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSourc
     model = instantiate_empty(model_cls, hf_config, dtype, device=device)
     model.load_weights(iter_safetensors(source.path))
     model.requires_grad_(False)
+    apply_kernel_plan(model, plan_kernels(device))
     return model.eval()
 
 

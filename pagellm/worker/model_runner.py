@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import SchedulerOutput
 from pagellm.errors import InvalidRequest
-from pagellm.model.layers.kernels import compile_ops, load_kernel
+from pagellm.model.layers.kernels import compile_ops
 from pagellm.outputs import ModelRunnerOutput
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.lora_manager import LoRAManager
@@ -72,10 +71,9 @@ class ModelRunner:
         self.fused_decode = None  # the decoder layers as one C++ call, for decode-only steps
         if on_gpu:  # the C++ kernels are CPU code: every layer takes its torch path
             return
-        load_kernel()  # NOTE: build or load the C++ kernels now, never inside a request's first step
+        # NOTE: the C++ kernels were built or loaded with the model (its kernel plan), never in a request's step
         self.compiled_decode = self._compile(max_num_seqs) if compile else None
-        if (not compile and self.lora is None and hasattr(model, "fused_decoder")
-                and os.environ.get("PAGELLM_FUSED_DECODE", "1") != "0"):
+        if not compile and self.lora is None and hasattr(model, "fused_decoder"):
             self.fused_decode = model.fused_decoder(self.kv_caches)
 
     def _compile(self, max_num_seqs: int):

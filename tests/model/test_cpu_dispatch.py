@@ -116,3 +116,29 @@ def test_packed_layer_takes_bf16_rows_without_dequantizing(tiny_llama_dir, monke
         want = layer(x.to(torch.bfloat16).float())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want.to(torch.bfloat16))
+
+
+@needs_kernels
+def test_the_kernel_plan_is_read_once_at_load_and_handed_to_every_layer(tiny_llama_dir, monkeypatch):
+    from pagellm.model.layers.linear import Linear
+    from pagellm.model.layers.norm import RMSNorm
+
+    monkeypatch.setenv("PAGELLM_ATTENTION", "torch")
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "float")
+    model = load_model(resolve_model(tiny_llama_dir), torch.float32, "int4")
+    plan = model.kernel_plan
+    assert plan.module is kernels.load_kernel() and not plan.attention and not plan.int4_q8_activations
+    assert plan.features == kernels.cpu_features() and plan.fused_decode and plan.packed_linears
+    monkeypatch.setenv("PAGELLM_INT4_ACT", "int8")  # after the load: changes nothing
+    monkeypatch.delenv("PAGELLM_ATTENTION")
+    layers = list(model.modules())
+    assert all(m.cpp is plan.module and not m.q8_activations for m in layers if isinstance(m, QuantizedLinear))
+    assert all(m.cpp is plan.module for m in layers if isinstance(m, (Linear, RMSNorm)))
+    assert all(layer.self_attn.decode_kernel is None for layer in model.layers)
+    other = load_model(resolve_model(tiny_llama_dir), torch.float32, "int4")  # a new load reads the switches anew
+    assert other.kernel_plan.int4_q8_activations and other.layers[0].self_attn.decode_kernel is plan.module
+
+
+def test_a_gpu_load_plans_the_torch_paths():
+    plan = kernels.plan_kernels(torch.device("cuda"))
+    assert plan.module is None and not plan.fused_decode and not plan.attention

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers.kernels import TORCH_PATHS, plan_kernels
 from pagellm.model.layers.quant import (
     KERNEL_MAX_ROWS,
     QuantizedLinear,
@@ -63,16 +64,14 @@ def test_int4_packing_is_two_codes_per_byte_and_reversible():
 def test_quantized_linear_matches_its_dequantized_weight(scheme, rows, kernels, monkeypatch):
     """The packed kernels (few rows; C++ or torch's fallback) and the dequantize path (many rows)
     all equal x @ W_deq.T + b (int4 with float activations: PAGELLM_INT4_ACT=float)."""
-    import pagellm.model.layers.quant as quant
-
     monkeypatch.setenv("PAGELLM_INT4_ACT", "float")
-    if kernels == "torch":
-        monkeypatch.setattr(quant, "load_kernel", lambda: None)
-    elif quant.load_kernel() is None:
+    plan = plan_kernels() if kernels == "cpp" else TORCH_PATHS
+    if plan.module is None and kernels == "cpp":
         pytest.skip("C++ kernels unavailable (no compiler)")
     w = _weight()
     qw = quantize(w, scheme)
     layer = QuantizedLinear(128, 96, bias=True, scheme=scheme)
+    layer.use_kernels(plan)
     layer.set_weight(qw)
     layer.bias.copy_(torch.randn(96))
     torch.testing.assert_close(layer.dequantize(), qw.dequantize(), atol=1e-7, rtol=1e-6)  # C++: fused mul-add
@@ -113,6 +112,7 @@ def test_int4_kernel_quantizes_activations_like_q8(rows, in_features, monkeypatc
     monkeypatch.delenv("PAGELLM_INT4_ACT", raising=False)
     qw = quantize(_weight(96, in_features), "int4")
     layer = QuantizedLinear(in_features, 96, bias=False, scheme="int4")
+    layer.use_kernels(plan_kernels())
     layer.set_weight(qw)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
@@ -231,6 +231,7 @@ def test_cpp_rms_norm_matches_torch():
     if load_kernel() is None:
         pytest.skip("C++ kernels unavailable (no compiler)")
     norm = RMSNorm(576, 1e-5)
+    norm.use_kernels(plan_kernels())
     norm.weight.data.normal_()
     x = torch.randn(5, 576) * 3
     with torch.inference_mode():

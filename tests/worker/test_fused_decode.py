@@ -118,9 +118,8 @@ def test_no_fused_stack_with_lora_a_float16_cache_or_without_kernels(tiny_llama_
     from pagellm.worker.model_runner import ModelRunner
 
     model = load_model(resolve_model(tiny_llama_dir), torch.float32)
-    monkeypatch.setattr("pagellm.model.models.llama.load_kernel", lambda: None)
+    model.kernel_plan = kernels.TORCH_PATHS  # no C++ kernels
     assert model.fused_decoder(_caches(model, 2, 4, torch.float32, seed=0)) is None
-    monkeypatch.undo()
     llm = LLM(tiny_llama_dir, dtype="float32", enable_lora=True, num_blocks=16, block_size=4)
     runner = llm.llm_engine.core.runner
     assert isinstance(runner, ModelRunner) and runner.fused_decode is None

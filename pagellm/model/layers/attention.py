@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pagellm.model.layers.kernels import attention_kernel
-
 
 @dataclass
 class PrefillChunk:
@@ -53,13 +51,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float, kernel=None) -> torch.Tensor:
+    """kernel: the C++ module when the layer's plan gives it (KernelPlan.attention_module), else None."""
     if torch.compiler.is_compiling():  # only the decode step is compiled, and only with the C++ kernels
         return torch.ops.pagellm.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table,
                                                         meta.decode_seq_lens, scale)
-    kernel = None
-    if meta.decode_seq_lens is not None and q.device.type == "cpu" and k_cache.dtype in KERNEL_CACHE_DTYPES:
-        kernel = attention_kernel()
+    if meta.decode_seq_lens is None or q.device.type != "cpu" or k_cache.dtype not in KERNEL_CACHE_DTYPES:
+        kernel = None
     if kernel is not None:
         # NOTE: reads each sequence's blocks where they lie: no gather into a padded [B, L] copy
         return kernel.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
@@ -119,7 +117,8 @@ def packed_causal_metadata(seq_lens: list[int]) -> AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor | None,
-                    v_cache: torch.Tensor | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor | None, meta: AttentionMetadata, scale: float,
+                    decode_kernel=None) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
     Writes k/v into the cache, then attends each token to its request's cached prefix. With no
@@ -136,7 +135,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         )
     parts = []
     if meta.num_decode_tokens:
-        parts.append(_decode_attention(q[: meta.num_decode_tokens], k_cache, v_cache, meta, scale))
+        parts.append(_decode_attention(q[: meta.num_decode_tokens], k_cache, v_cache, meta, scale, decode_kernel))
     for chunk in meta.prefills:
         parts.append(_prefill_attention(q, k, v, k_cache, v_cache, chunk, scale))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

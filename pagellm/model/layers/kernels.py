@@ -3,8 +3,8 @@
 Built once per CPU kind with torch's C++ extension loader (cached under ~/.cache/torch_extensions,
 or $TORCH_EXTENSIONS_DIR, in a folder named for the CPU's instruction-set features, so a cache copied
 to another CPU is never loaded there). When no compiler is available, or PAGELLM_KERNELS=torch,
-every caller keeps its pure-torch path (PAGELLM_ATTENTION=torch turns off only the attention kernel).
-`cpu_features()` is the one place that reads what the CPU can do.
+every layer keeps its pure-torch path. `cpu_features()` is the one place that reads what the CPU can
+do, and `plan_kernels()` the one place that decides, at load, which kernel each layer runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,9 +105,55 @@ def load_kernel():
     return _module
 
 
-def attention_kernel():
-    """The module when the decode-attention kernel is on (PAGELLM_ATTENTION=torch turns it off)."""
-    return None if os.environ.get("PAGELLM_ATTENTION", "auto") == "torch" else load_kernel()
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """Which kernel each kind of layer runs, decided once per model load by `plan_kernels`.
+
+    Layers hold what the plan gives them (`use_kernels`); none reads the environment or probes the
+    CPU at call time. The default plan, TORCH_PATHS, runs torch ops everywhere.
+    """
+
+    features: CpuFeatures = CpuFeatures()
+    module: Any = None  # the compiled C++ kernels; None: torch ops for every layer
+    attention: bool = False  # paged decode attention in C++ (PAGELLM_ATTENTION=torch: off)
+    fused_decode: bool = False  # decode-only steps through the C++ decoder stack (PAGELLM_FUSED_DECODE=0: off)
+    packed_linears: bool = False  # Linears get oneDNN / bf16 copies packed at load (PAGELLM_LINEAR=torch: off)
+    int4_q8_activations: bool = True  # int4 kernels quantize activations to int8 (PAGELLM_INT4_ACT=float: off)
+
+    @property
+    def attention_module(self) -> Any:
+        return self.module if self.attention else None
+
+
+TORCH_PATHS = KernelPlan()
+
+
+def plan_kernels(device: torch.device | None = None) -> KernelPlan:
+    """Read the CPU's features and the PAGELLM_* switches, once, for a model loading on `device` (None: cpu).
+
+    A GPU gets the torch paths (the C++ kernels are CPU code) and builds nothing.
+    """
+    features = cpu_features()
+    if device is not None and device.type != "cpu":
+        return KernelPlan(features=features)
+    env = os.environ.get
+    module = load_kernel()
+    return KernelPlan(
+        features=features,
+        module=module,
+        attention=module is not None and env("PAGELLM_ATTENTION", "auto") != "torch",
+        fused_decode=module is not None and env("PAGELLM_FUSED_DECODE", "1") != "0",
+        packed_linears=env("PAGELLM_LINEAR", "auto") != "torch",
+        int4_q8_activations=env("PAGELLM_INT4_ACT", "int8") != "float",
+    )
+
+
+def apply_kernel_plan(model: torch.nn.Module, plan: KernelPlan) -> None:
+    """Hand every layer of `model` that runs a kernel (it has `use_kernels`) its part of `plan`."""
+    for module in model.modules():
+        if hasattr(module, "use_kernels"):
+            module.use_kernels(plan)
+    model.kernel_plan = plan
 
 
 if __name__ == "__main__":  # `python -m pagellm.model.layers.kernels`: build (or find) the kernels
@@ -135,8 +182,8 @@ def compile_ops() -> bool:
         return module.int8_gemv(x, q, scales)
 
     @torch.library.custom_op("pagellm::int4_gemv", mutates_args=())
-    def int4_gemv(x: Tensor, q: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
-        return module.int4_gemv(x, q, scales, mins)
+    def int4_gemv(x: Tensor, q: Tensor, scales: Tensor, mins: Tensor, q8_activations: bool) -> Tensor:
+        return module.int4_gemv(x, q, scales, mins, q8_activations)
 
     @torch.library.custom_op("pagellm::paged_decode_attention", mutates_args=())
     def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
@@ -154,7 +201,7 @@ def compile_ops() -> bool:
         return x.new_empty(x.shape[0], q.shape[0])
 
     @int4_gemv.register_fake
-    def _(x, q, scales, mins):
+    def _(x, q, scales, mins, q8_activations):
         return x.new_empty(x.shape[0], q.shape[0])
 
     @paged_decode_attention.register_fake

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagellm.model.layers.kernels import load_kernel
+from pagellm.model.layers.kernels import KernelPlan
 
 
 def _onednn_fp32_available() -> bool:
@@ -28,6 +28,10 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     gemv_weight: torch.Tensor | None = None
+    cpp = None  # the C++ kernels (KernelPlan.module) for few-row calls on the bf16 copy; None: torch's op
+
+    def use_kernels(self, plan: KernelPlan) -> None:
+        self.cpp = plan.module
 
     def pack(self, bf16_gemv: bool = False) -> None:
         """Make the inference copies; bf16_gemv adds a bfloat16 weight for few-row calls."""
@@ -43,7 +47,7 @@ class Linear(nn.Linear):
         if x.dim() != 2 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         if self.gemv_weight is not None and x.shape[0] <= GEMV_MAX_ROWS:
-            kernel = load_kernel() if x.dtype == torch.float32 and not torch.compiler.is_compiling() else None
+            kernel = self.cpp if x.dtype == torch.float32 and not torch.compiler.is_compiling() else None
             if kernel is not None:  # float32 rows times the bf16 weight: 1.3-4x faster than torch's bf16 op
                 out = kernel.dense_gemv(x.contiguous(), self.gemv_weight)
             else:

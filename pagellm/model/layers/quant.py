@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagellm.model.layers.kernels import load_kernel
+from pagellm.model.layers.kernels import KernelPlan
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 blocks are 32 wide: their weights load as they are
@@ -140,6 +140,11 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scales", torch.empty(0))  # int8: float32 [out]; int4: float16 [out, groups]
         self.register_buffer("mins", torch.empty(0))  # int4: float16 [out, groups]
         self._bf16_scales: torch.Tensor | None = None  # int8 without the C++ kernel: torch's kernel wants bf16
+        self.cpp = None  # the C++ kernels (KernelPlan.module); None: torch ops
+        self.q8_activations = True  # int4: activations quantized to int8 per 32-wide block (KernelPlan)
+
+    def use_kernels(self, plan: KernelPlan) -> None:
+        self.cpp, self.q8_activations = plan.module, plan.int4_q8_activations
 
     def keep_precision_of(self, parts: list[QuantizedWeight | torch.Tensor]) -> None:
         """Become int8 when a packed part arrives as int8 (a 5-8 bit GGUF matrix in a 4-bit file, as
@@ -167,15 +172,14 @@ class QuantizedLinear(nn.Module):
         """The float weight [out, in] (for calls with many rows, and for tests)."""
         dtype = dtype or self.out_dtype
         if self.scheme == "int4":
-            kernel = load_kernel() if not torch.compiler.is_compiling() else None
-            if kernel is not None and dtype == torch.float32:  # ~10x faster than the torch ops
-                return kernel.int4_dequantize(self.qweight, self.scales, self.mins)
+            if self.cpp is not None and dtype == torch.float32 and not torch.compiler.is_compiling():
+                return self.cpp.int4_dequantize(self.qweight, self.scales, self.mins)  # ~10x the torch ops
         codes = self.qweight if self.scheme == "int8" else unpack_int4(self.qweight)
         return QuantizedWeight(self.scheme, codes, self.scales, self.mins, self.group_size).dequantize(dtype)
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [rows, in] through a packed kernel, without bias; None where none applies."""
-        kernel = torch.ops.pagellm if torch.compiler.is_compiling() else load_kernel()  # custom ops when traced
+        kernel = torch.ops.pagellm if torch.compiler.is_compiling() else self.cpp  # custom ops when traced
         if kernel is not None:
             # NOTE: the kernels take float32 rows; other activations (a caller computing in bf16) are
             # widened here, a few KB, rather than dequantizing the whole matrix for the call
@@ -183,7 +187,7 @@ class QuantizedLinear(nn.Module):
             if self.scheme == "int8":
                 out = kernel.int8_gemv(x32, self.qweight, self.scales)
             else:
-                out = kernel.int4_gemv(x32, self.qweight, self.scales, self.mins)
+                out = kernel.int4_gemv(x32, self.qweight, self.scales, self.mins, self.q8_activations)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
         if self.scheme == "int8":  # no C++ kernels: torch's, on bf16 activations
             if self._bf16_scales is None:

@@ -274,7 +274,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None
     model.requires_grad_(False)
     model.weight_dtype = dtype
     model.quantization = quantization
-    if not on_gpu and os.environ.get("PAGELLM_LINEAR", "auto") != "torch":  # packing is for CPU matmuls
+    plan = kernels.plan_kernels(device)
+    kernels.apply_kernel_plan(model, plan)
+    if not on_gpu and plan.packed_linears:  # packing is for CPU matmuls
         pack_linears(model, bf16_gemv=run_dtype != dtype)
     logger.info("model weights %s, compute %s, on %s", dtype, run_dtype, device or "cpu")
     return model.eval()

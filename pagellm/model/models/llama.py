@@ -15,7 +15,7 @@ from pagellm.model.layers.attention import (
     packed_causal_metadata,
     paged_attention,
 )
-from pagellm.model.layers.kernels import load_kernel
+from pagellm.model.layers.kernels import TORCH_PATHS, KernelPlan
 from pagellm.model.layers.linear import Linear
 from pagellm.model.layers.norm import RMSNorm
 from pagellm.model.layers.quant import QuantizedLinear, QuantizedWeight, cat_rows, quantize
@@ -42,8 +42,12 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.layer_idx = 0  # set by the model; picks this layer's prefix-tuning keys/values
+        self.decode_kernel = None  # C++ paged decode attention (KernelPlan.attention_module); None: torch
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+
+    def use_kernels(self, plan: KernelPlan) -> None:
+        self.decode_kernel = plan.attention_module
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
@@ -57,7 +61,7 @@ class LlamaAttention(nn.Module):
             k[meta.virtual_rows] = meta.virtual_keys[self.layer_idx]
             v[meta.virtual_rows] = meta.virtual_values[self.layer_idx]
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.decode_kernel)  # [T, H, D]
         return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
 
 
@@ -95,6 +99,7 @@ class LlamaForCausalLM(nn.Module):
     """Token ids in, final hidden states out; logits only for the rows that need them."""
 
     qkv_bias = False
+    kernel_plan: KernelPlan = TORCH_PATHS  # set with the layers' kernels by kernels.apply_kernel_plan at load
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -137,19 +142,20 @@ class LlamaForCausalLM(nn.Module):
     def fused_decoder(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
         """The decoder layers as one C++ call for decode-only steps (csrc/decode_stack.cpp), or None.
 
-        None where it does not apply: no C++ kernels, activations other than float32, a KV cache
-        other than float32/bfloat16, or a layer that is not a plain (Quantized)Linear (e.g. LoRA).
-        The stack holds this model's own weight and cache tensors: build it after the weights load.
+        None where it does not apply: a kernel plan without it (no C++ kernels, PAGELLM_FUSED_DECODE=0),
+        activations other than float32, a KV cache other than float32/bfloat16, or a layer that is not
+        a plain (Quantized)Linear (e.g. LoRA). The stack holds this model's own weight and cache tensors:
+        build it after the weights load.
         """
-        kernel = load_kernel()
-        if kernel is None or self.embed_tokens.weight.dtype != torch.float32:
+        plan = self.kernel_plan
+        if not plan.fused_decode or self.embed_tokens.weight.dtype != torch.float32:
             return None
         if any(k.dtype not in KERNEL_CACHE_DTYPES for k, _ in kv_caches):  # e.g. a float16 cache
             return None
         attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
-        stack = kernel.DecodeStack(self.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                   mlp.intermediate_size, self.layers[0].input_layernorm.eps, attn.scale,
-                                   self.rotary.cos, self.rotary.sin)
+        stack = plan.module.DecodeStack(self.config.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                        mlp.intermediate_size, self.layers[0].input_layernorm.eps, attn.scale,
+                                        self.rotary.cos, self.rotary.sin, plan.int4_q8_activations)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             projections = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                            layer.mlp.down_proj]

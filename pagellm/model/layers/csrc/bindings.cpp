@@ -3,7 +3,8 @@
 
 torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins);
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                        bool q8_activations);
 torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 void bind_decode_stack(pybind11::module& m);

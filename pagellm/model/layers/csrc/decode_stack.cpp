@@ -20,6 +20,7 @@ struct Lin {
   int64_t kind = kF32;
   int64_t n = 0, k = 0;  // out, in features
   torch::Tensor w, scales, mins, bias;  // bias: empty when absent
+  bool q8 = true;  // int4: activations quantized to int8 per block
 
   void run(const float* x, int64_t M, float* out) const {
     switch (kind) {
@@ -28,7 +29,7 @@ struct Lin {
       case kInt8: pagellm::int8_matmul(x, M, w.data_ptr<int8_t>(), scales.data_ptr<float>(), out, n, k); break;
       default:
         pagellm::int4_matmul(x, M, w.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), mins.data_ptr<at::Half>(), out,
-                             n, k);
+                             n, k, q8);
     }
     if (bias.numel()) {
       const float* b = bias.data_ptr<float>();
@@ -86,9 +87,10 @@ void store_row(T* dst, const float* src, int64_t n) {
 class DecodeStack {
  public:
   DecodeStack(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
-              double eps, double scale, torch::Tensor cos, torch::Tensor sin)
+              double eps, double scale, torch::Tensor cos, torch::Tensor sin, bool q8_activations)
       : hidden_(hidden), heads_(num_heads), kv_heads_(num_kv_heads), hd_(head_dim), inter_(intermediate),
-        eps_(static_cast<float>(eps)), scale_(scale), cos_(cos.contiguous()), sin_(sin.contiguous()) {
+        eps_(static_cast<float>(eps)), scale_(scale), q8_(q8_activations), cos_(cos.contiguous()),
+        sin_(sin.contiguous()) {
     TORCH_CHECK(cos_.scalar_type() == torch::kFloat && cos_.dim() == 2 && cos_.size(1) == head_dim, "cos table");
     TORCH_CHECK(sin_.sizes() == cos_.sizes() && sin_.scalar_type() == torch::kFloat, "sin table");
     TORCH_CHECK(head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "head layout");
@@ -108,8 +110,10 @@ class DecodeStack {
     const int64_t dims[4][2] = {{qkv_n, hidden_}, {hidden_, heads_ * hd_}, {2 * inter_, hidden_}, {hidden_, inter_}};
     Layer layer{ln1.contiguous(), ln2.contiguous(), k_cache, v_cache, {}, {}, {}, {}};
     Lin* lins[4] = {&layer.qkv, &layer.o, &layer.gate_up, &layer.down};
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i) {
       *lins[i] = make_lin(kinds[i], ts[4 * i], ts[4 * i + 1], ts[4 * i + 2], ts[4 * i + 3], dims[i][0], dims[i][1]);
+      lins[i]->q8 = q8_;
+    }
     layers_.push_back(std::move(layer));
   }
 
@@ -192,6 +196,7 @@ class DecodeStack {
   int64_t hidden_, heads_, kv_heads_, hd_, inter_;
   float eps_;
   double scale_;
+  bool q8_;  // int4 projections quantize their activations to int8 (KernelPlan.int4_q8_activations)
   torch::Tensor cos_, sin_;
   std::vector<Layer> layers_;
 };
@@ -199,7 +204,7 @@ class DecodeStack {
 void bind_decode_stack(pybind11::module& m) {
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, torch::Tensor,
-                          torch::Tensor>())
+                          torch::Tensor, bool>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("num_layers", &DecodeStack::num_layers);

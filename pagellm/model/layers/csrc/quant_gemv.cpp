@@ -14,7 +14,7 @@
 //       The activations are first quantized per 32-input block to x ~ d * xq, xq in -127..127 (what
 //       llama.cpp does for its Q4 formats): dot(x, c) ~ d * dot(xq, c) is then integer work (AVX2
 //       maddubs: 32 u8 x s8 products per instruction), about 1.3x faster than widening the codes to
-//       float; the min term keeps the exact float block sums. PAGELLM_INT4_ACT=float keeps float
+//       float; the min term keeps the exact float block sums. q8_activations=false (PAGELLM_INT4_ACT=float) keeps float
 //       activations instead (exact weight-only int4; AVX2 builds).
 #include "kernels.h"
 
@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <vector>
 #include <cstdlib>
-#include <cstring>
 
 namespace {
 
@@ -414,12 +413,11 @@ void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* x
 }
 
 void int4_matmul(const float* x, int64_t M, const uint8_t* q, const at::Half* scales, const at::Half* mins, float* out,
-                 int64_t N, int64_t K) {
+                 int64_t N, int64_t K, bool q8_activations) {
   const int64_t groups = K / kGroup;
   TORCH_CHECK(groups <= kMaxGroups, "int4 matmul: at most ", kMaxGroups * kGroup, " input features, got ", K);
   std::vector<float> xsum(M * groups, 0.f);
-  const char* act = std::getenv("PAGELLM_INT4_ACT");  // NOTE: read per call (~50 ns), so tests can switch it
-  if (act != nullptr && std::strcmp(act, "float") == 0) {  // exact: the codes widened to float instead
+  if (!q8_activations) {  // exact: the codes widened to float instead
 #ifndef PAGELLM_AVX2
     for (int64_t i = 0; i < M * groups; ++i)
       for (int64_t j = 0; j < kGroup; ++j) xsum[i] += x[i * kGroup + j];
@@ -490,14 +488,15 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
 }
 
 // x [M, K] float32, q [N, K / 2] uint8 (layout above), scales and mins [N, K / 32] float16 -> [M, N]
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                        bool q8_activations) {
   const int64_t N = q.size(0), K = q.size(1) * 2;
   check_x(x, K);
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.is_contiguous(), "q must be contiguous uint8");
   check_int4_scales(scales, mins, N * K / kGroup);
   auto out = torch::empty({x.size(0), N}, x.options());
   pagellm::int4_matmul(x.data_ptr<float>(), x.size(0), q.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-                       mins.data_ptr<at::Half>(), out.data_ptr<float>(), N, K);
+                       mins.data_ptr<at::Half>(), out.data_ptr<float>(), N, K, q8_activations);
   return out;
 }
 
