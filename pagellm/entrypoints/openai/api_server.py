@@ -22,8 +22,14 @@ import pagellm
 from pagellm.engine.async_llm import AsyncLLM, EngineStats
 from pagellm.engine.pooling_engine import AsyncPoolingEngine
 from pagellm.entrypoints.openai.errors import APIError, install_error_handlers
+from pagellm.entrypoints.openai.http_protocol import PagellmH11Protocol
 from pagellm.entrypoints.openai.metrics import ServerMetrics
-from pagellm.entrypoints.openai.middleware import APIKeyMiddleware, BodyLimitMiddleware, ShutdownCancelMiddleware
+from pagellm.entrypoints.openai.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    ShutdownCancelMiddleware,
+)
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     ClassificationRequest,
@@ -94,10 +100,12 @@ def _respond(result: Any) -> Response:
 
 def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[str] | None = None,
               api_key: str | None = None, max_waiting_requests: int = 256, max_request_body_bytes: int = 8 << 20,
-              state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine and stops it on shutdown.
+              state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None,
+              max_header_bytes: int = 64 << 10, default_max_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine and stops it on shutdown. Serve it with server_config().
 
     An AsyncLLM serves generation (and zero-shot /classify), an AsyncPoolingEngine /v1/embeddings or /classify.
+    default_max_tokens: tokens to generate when a request sets no limit (None: up to the context window).
     """
     names = list(served_model_names or [engine.model_name])
     state = state or ServerState()
@@ -126,6 +134,7 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     app.state.server_state = state
     app.state.engine = engine
     app.state.served_model_names = names
+    app.state.max_header_bytes = max_header_bytes
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)
@@ -145,7 +154,7 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     if isinstance(engine, AsyncLLM):
-        _add_generate_routes(app, engine, names, max_waiting_requests, state, loras)
+        _add_generate_routes(app, engine, names, max_waiting_requests, state, loras, default_max_tokens)
     else:
         _add_pooling_routes(app, engine, names, max_waiting_requests, state)
 
@@ -153,8 +162,15 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=max_header_bytes)
     app.add_middleware(ShutdownCancelMiddleware, state=state)
     return app
+
+
+def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for an app of build_app: its h11 protocol answers a bad or oversize request head with JSON."""
+    return uvicorn.Config(app, http=PagellmH11Protocol, h11_max_incomplete_event_size=app.state.max_header_bytes,
+                          **kwargs)
 
 
 def _model_list(names: list[str], root: str | None, max_model_len: int,
@@ -175,10 +191,10 @@ def _add_unsupported(app: FastAPI, paths: list[str], task: str, needs: str) -> N
 
 
 def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_waiting_requests: int,
-                         state: ServerState, loras: LoRAModels) -> None:
+                         state: ServerState, loras: LoRAModels, default_max_tokens: int | None) -> None:
     token_strings = TokenStrings(engine.tokenizer)
     shared = dict(engine=engine, served_model_names=names, max_waiting_requests=max_waiting_requests,
-                  state=state, token_strings=token_strings, loras=loras)
+                  state=state, token_strings=token_strings, loras=loras, default_max_tokens=default_max_tokens)
     completion = OpenAIServingCompletion(**shared)
     chat = OpenAIServingChat(**shared)
     tokenization = OpenAIServingTokenization(**shared)
@@ -284,10 +300,11 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(engine, served_model_names=args.served_model_name, api_key=args.api_key,
                     max_waiting_requests=args.max_waiting_requests,
                     max_request_body_bytes=args.max_request_body_bytes, state=state,
-                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace_seconds,
-                            timeout_keep_alive=args.timeout_keep_alive)
+                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
+                    max_header_bytes=args.max_header_bytes, default_max_tokens=args.default_max_tokens)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=args.shutdown_grace_seconds,
+                           timeout_keep_alive=args.timeout_keep_alive)
     server = GracefulServer(config, state)
     # NOTE: uvicorn re-raises the captured signal after a graceful shutdown, through the handler that
     # was installed before it started; ignoring it there turns a SIGTERM shutdown into exit code 0.

@@ -33,6 +33,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
                    help="answer 413 past this request body size (default: %(default)s)")
+    g.add_argument("--max-header-bytes", type=int, default=64 << 10,
+                   help="answer 431 past this size of a request's line and headers (default: %(default)s)")
+    g.add_argument("--default-max-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate for a request that sets no limit (chat without max_tokens or "
+                        "max_completion_tokens, completions with max_tokens null); an explicit max_tokens "
+                        "still wins (default: unset, generate up to the context window)")
     g.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="on SIGTERM, time running requests get to finish before they are aborted "
                         "(default: %(default)s)")
