@@ -182,3 +182,19 @@ def test_default_max_tokens_caps_requests_that_set_none(tiny_engine_factory) -> 
                                                          "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 2
+
+
+# ---- /openapi.json -------------------------------------------------------------------------------------
+
+
+def test_openapi_declares_what_the_routes_really_answer(tiny_server: RunningServer) -> None:
+    paths = httpx.get(f"{tiny_server.base_url}/openapi.json").json()["paths"]
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat  # validation errors are 400s
+    assert {"200", "400", "413", "431", "503"} <= set(chat)
+    assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert paths["/health"]["get"]["responses"]["200"].get("content") is None  # empty body
+    lora_errors = paths["/v1/unload_lora_adapter"]["post"]["responses"]["404"]["content"]
+    assert set(lora_errors) == {"application/json"}  # errors are JSON even where success is plain text
+    assert all("422" not in op["responses"] for path in paths.values() for op in path.values())

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 import pagellm
 from pagellm.engine.async_llm import AsyncLLM, EngineStats
@@ -30,15 +30,22 @@ from pagellm.entrypoints.openai.middleware import (
     HeaderLimitMiddleware,
     ShutdownCancelMiddleware,
 )
+from pagellm.entrypoints.openai.openapi_docs import errors, install_openapi, json_ok, json_or_stream
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
+    ChatCompletionResponse,
     ClassificationRequest,
+    ClassificationResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    TokenizeResponse,
 )
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_classification import OpenAIServingZeroShotClassification
@@ -136,20 +143,23 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     app.state.served_model_names = names
     app.state.max_header_bytes = max_header_bytes
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine is running (empty body)"},
+                        503: {"description": "The engine is not running (empty body)"}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.get("/version")
+    @app.get("/version", responses=errors())
     async def version() -> dict[str, str]:
         return {"version": pagellm.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     async def get_metrics() -> Response:
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
@@ -187,7 +197,7 @@ def _add_unsupported(app: FastAPI, paths: list[str], task: str, needs: str) -> N
                             f"{task!r}", param="model")
 
     for path in paths:
-        app.add_api_route(path, unsupported, methods=["POST"])
+        app.add_api_route(path, unsupported, methods=["POST"], responses=errors(400))
 
 
 def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_waiting_requests: int,
@@ -200,36 +210,37 @@ def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_w
     tokenization = OpenAIServingTokenization(**shared)
     zero_shot = OpenAIServingZeroShotClassification(**shared)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
         root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
         return _model_list(names, root, completion.context_limit, loras.cards(completion.context_limit))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=json_or_stream(CompletionResponse, "CompletionResponse", 400, 503))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, completion.create_completion(req)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses=json_or_stream(ChatCompletionResponse, "ChatCompletionChunk", 400, 503))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, chat.create_chat_completion(req)))
 
-    @app.post("/classify")
+    @app.post("/classify", responses=json_ok(ClassificationResponse, 400, 503))
     async def classify(req: ClassificationRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, zero_shot.create_classification(req)))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=json_ok(TokenizeResponse, 400))
     async def tokenize(req: TokenizeRequest) -> Response:
         return _json(tokenization.tokenize(req))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=json_ok(DetokenizeResponse, 400))
     async def detokenize(req: DetokenizeRequest) -> Response:
         return _json(tokenization.detokenize(req))
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=errors())
     async def tokenizer_info() -> dict[str, Any]:
         return tokenization.tokenizer_info()
 
-    @app.post("/reset_prefix_cache")
+    @app.post("/reset_prefix_cache", responses=errors(503))
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"reset": await engine.reset_prefix_cache()}
 
@@ -241,15 +252,15 @@ def _add_pooling_routes(app: FastAPI, engine: AsyncPoolingEngine, names: list[st
                         state: ServerState) -> None:
     pooling = OpenAIServingPooling(engine, names, max_waiting_requests, state)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
         return _model_list(names, str(engine.engine.source.path), engine.engine.max_model_len)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=json_ok(EmbeddingResponse, 400, 503))
     async def embeddings(req: EmbeddingRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, pooling.create_embedding(req)))
 
-    @app.post("/classify")
+    @app.post("/classify", responses=json_ok(ClassificationResponse, 400, 503))
     async def classify(req: ClassificationRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, pooling.create_classification(req)))
 
