@@ -10,6 +10,7 @@ import pytest
 
 from pagellm.entrypoints.openai.server_args import add_server_args
 from tests.entrypoints.server_utils import RunningServer, run_server
+from tests.entrypoints.test_shutdown import serve  # noqa: F401 - the `pagellm serve` subprocess fixture
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -158,6 +159,17 @@ def test_default_max_tokens_flag_is_unset_by_default() -> None:
     assert parser.parse_args([]).default_max_tokens is None
     assert parser.parse_args(["--default-max-tokens", "64"]).default_max_tokens == 64
     assert "--default-max-tokens" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--default-max-tokens", "0"])
+
+
+def test_serve_flags_reach_the_server(serve) -> None:  # noqa: F811 - the fixture imported above
+    _, base = serve("--default-max-tokens", "2", "--max-header-bytes", "2048")
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": USER, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    r = httpx.get(f"{base}/v1/models", headers={"X-Big": "a" * 4096}, timeout=30)
+    assert _assert_error(r, 431)["code"] == "request_header_fields_too_large"
+    assert "2048 bytes" in r.json()["error"]["message"]
 
 
 def test_default_max_tokens_caps_requests_that_set_none(tiny_engine_factory) -> None:
