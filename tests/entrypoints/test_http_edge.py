@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 
 import httpx
@@ -129,6 +130,18 @@ def test_huge_header_is_431_with_a_body_not_a_reset(tiny_server: RunningServer, 
     assert error["code"] == "request_header_fields_too_large"
     # the server goes on serving
     assert httpx.post(f"{tiny_server.v1}/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_unparsable_request_head_is_a_json_400(tiny_server: RunningServer) -> None:
+    host, port = tiny_server.base_url.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
 
 
 def test_headers_under_the_limit_are_served(tiny_server: RunningServer) -> None:
