@@ -81,3 +81,22 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_openapi_schema(fuzz_server: Ru
     assert not failures, "\n\n".join(failures)
     assert not any(status >= 500 for status in counts), counts
     assert counts.get(200, 0) > 0 and any(400 <= status < 500 for status in counts), counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+                              "logprobs": True, "top_logprobs": 2}),
+    ("/v1/completions", {"prompt": ["hi", "there"], "max_tokens": 4, "logprobs": 2, "echo": True}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_and_sse_answers_match_the_openapi_schema(fuzz_server: RunningServer, path: str, body: dict,
+                                                       stream: bool) -> None:
+    """The shapes random cases rarely reach: streams (each SSE event, the usage chunk, [DONE]) and logprobs."""
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.base_url}/openapi.json")
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    case = schema[path]["POST"].Case(body={**body, **extra})
+    response = case.call_and_validate(base_url=fuzz_server.base_url, checks=CHECKS, timeout=60)
+    assert response.status_code == 200
+    if stream:
+        assert response.text.rstrip().endswith("data: [DONE]") and '"usage"' in response.text

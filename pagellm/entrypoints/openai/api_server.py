@@ -32,6 +32,7 @@ from pagellm.entrypoints.openai.middleware import (
 )
 from pagellm.entrypoints.openai.openapi_docs import errors, install_openapi, json_ok, json_or_stream
 from pagellm.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ClassificationRequest,
@@ -215,12 +216,12 @@ def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_w
         root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
         return _model_list(names, root, completion.context_limit, loras.cards(completion.context_limit))
 
-    @app.post("/v1/completions", responses=json_or_stream(CompletionResponse, "CompletionResponse", 400, 503))
+    @app.post("/v1/completions", responses=json_or_stream(CompletionResponse, CompletionResponse, 400, 503))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, completion.create_completion(req)))
 
     @app.post("/v1/chat/completions",
-              responses=json_or_stream(ChatCompletionResponse, "ChatCompletionChunk", 400, 503))
+              responses=json_or_stream(ChatCompletionResponse, ChatCompletionChunk, 400, 503))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, chat.create_chat_completion(req)))
 

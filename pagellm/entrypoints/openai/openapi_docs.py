@@ -38,11 +38,26 @@ def json_ok(model: type[BaseModel], *error_statuses: int) -> dict[int | str, dic
     return {200: {"model": model}, **errors(*error_statuses)}
 
 
-def json_or_stream(model: type[BaseModel], chunk: str, *error_statuses: int) -> dict[int | str, dict[str, Any]]:
-    """200 is one JSON body, or with stream=true Server-Sent Events: `data: <chunk JSON>` lines, then `data: [DONE]`."""
-    stream = {"schema": {"type": "string", "description": f"`data: {{{chunk}}}` events, then `data: [DONE]`"}}
+# Models only streams use (no route returns them whole): install_openapi adds them to the components.
+_STREAM_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def json_or_stream(model: type[BaseModel], chunk: type[BaseModel],
+                   *error_statuses: int) -> dict[int | str, dict[str, Any]]:
+    """200 is one JSON body, or with stream=true Server-Sent Events: `data: <chunk JSON>` lines, then `data: [DONE]`.
+
+    NOTE: in OpenAPI 3.1 the `schema` of text/event-stream describes one event ({"data", "event", "id"}).
+    A failure after the 200 went out arrives as an event carrying an ErrorResponse.
+    """
+    _STREAM_MODELS[chunk.__name__] = chunk
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk.__name__}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {"type": "string", "if": {"const": "[DONE]"},
+            "else": {"contentMediaType": "application/json", "contentSchema": payload}}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data},
+             "description": f"`data: <{chunk.__name__} JSON>` events, then `data: [DONE]`"}
     return {200: {"model": model, "description": f"{model.__name__}, or with stream=true Server-Sent Events",
-                  "content": {"text/event-stream": stream}},
+                  "content": {"text/event-stream": {"schema": event}}},
             **errors(*error_statuses)}
 
 
@@ -61,9 +76,14 @@ def install_openapi(app: FastAPI) -> None:
                         # the LoRA routes); errors are always JSON.
                         if status[0] in "45" and response.get("content"):
                             response["content"] = {"application/json": next(iter(response["content"].values()))}
-            components = schema.get("components", {}).get("schemas", {})
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
+            for name, model in _STREAM_MODELS.items():
+                chunk = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+                for def_name, definition in chunk.pop("$defs", {}).items():
+                    components.setdefault(def_name, definition)
+                components.setdefault(name, chunk)
             app.openapi_schema = schema
         return app.openapi_schema
 
