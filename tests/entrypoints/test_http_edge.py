@@ -11,7 +11,6 @@ import pytest
 
 from pagellm.entrypoints.openai.server_args import add_server_args
 from tests.entrypoints.server_utils import RunningServer, run_server
-from tests.entrypoints.test_shutdown import serve  # noqa: F401 - the `pagellm serve` subprocess fixture
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -176,7 +175,7 @@ def test_default_max_tokens_flag_is_unset_by_default() -> None:
         parser.parse_args(["--default-max-tokens", "0"])
 
 
-def test_serve_flags_reach_the_server(serve) -> None:  # noqa: F811 - the fixture imported above
+def test_serve_flags_reach_the_server(serve) -> None:
     _, base = serve("--default-max-tokens", "2", "--max-header-bytes", "2048")
     r = httpx.post(f"{base}/v1/chat/completions", json={"messages": USER, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
