@@ -143,6 +143,20 @@ def test_unparsable_request_head_is_a_json_400(tiny_server: RunningServer) -> No
     assert json.loads(body)["error"]["code"] == "invalid_http_request"
 
 
+def test_broken_chunked_body_is_a_json_400_and_the_server_goes_on(tiny_server: RunningServer) -> None:
+    host, port = tiny_server.base_url.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"pro\r\nzz-not-a-size\r\n\r\n")
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    assert httpx.post(f"{tiny_server.v1}/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
 def test_headers_under_the_limit_are_served(tiny_server: RunningServer) -> None:
     r = httpx.post(f"{tiny_server.v1}/completions", json={"prompt": "hi", "max_tokens": 1},
                    headers={"X-Big": "a" * (40 << 10)}, timeout=30)

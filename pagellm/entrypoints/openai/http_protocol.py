@@ -65,6 +65,14 @@ class PagellmH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            # NOTE: the head parsed and the app runs, so the error is in the body (bad chunked framing): to the
+            # app the request is gone (its send is dropped, its receive says disconnect).
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+            if self.cycle.response_started:  # the status line is out: nothing to answer with but a close
+                self.transport.close()
+                return
         error = self.conn.last_error
         status = error.error_status_hint if error is not None else 400
         if status == 431:
@@ -75,7 +83,7 @@ class PagellmH11Protocol(H11Protocol):
             status = 400
             message = f"invalid HTTP request: {error or msg}"
             code = "invalid_http_request"
-        logger.warning("%s: answered %d", message, status)
+        logger.info("%s: answered %d", message, status)  # uvicorn has logged a warning already
         body = json.dumps(error_body(status, message, code=code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
