@@ -127,10 +127,9 @@ def bench_serve(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str
     import asyncio
     import socket
 
-    import uvicorn
     from tqdm.auto import tqdm
 
-    from pagellm.entrypoints.openai.api_server import GracefulServer, build_app, build_async_llm
+    from pagellm.entrypoints.openai.api_server import GracefulServer, build_app, build_async_llm, server_config
     from pagellm.entrypoints.openai.serving_engine import ServerState
 
     engine = build_async_llm(**engine_kw)
@@ -138,7 +137,7 @@ def bench_serve(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str
     app = build_app(engine, state=state)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = GracefulServer(uvicorn.Config(app, log_level="warning"), state)
+    server = GracefulServer(server_config(app, log_level="warning"), state)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

@@ -11,10 +11,9 @@ from typing import Any
 
 import httpx
 import openai
-import uvicorn
 
 from pagellm.engine.async_llm import AsyncLLM
-from pagellm.entrypoints.openai.api_server import GracefulServer, build_app
+from pagellm.entrypoints.openai.api_server import GracefulServer, build_app, server_config
 from pagellm.entrypoints.openai.serving_engine import ServerState
 
 TINY_ENGINE_ARGS: dict[str, Any] = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=256,
@@ -59,7 +58,7 @@ def run_server(engine: AsyncLLM, **app_kwargs: Any) -> Iterator[RunningServer]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    config = server_config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=5)
     server = GracefulServer(config, state)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

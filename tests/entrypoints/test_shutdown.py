@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def serve(tiny_llama_dir: str):
-    procs: list[subprocess.Popen] = []
-
-    def start(*flags: str) -> tuple[subprocess.Popen, str]:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", tiny_llama_dir, "--port", str(port),
-               "--dtype", "float32", "--max-num-seqs", "4", "--num-blocks", "1024", "--block-size", "4", *flags]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    return proc, base
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-
-    yield start
-    for proc in procs:  # never leave a server running
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def _stream_events(base: str, body: dict, first_event: threading.Event, out: list[str]) -> None:

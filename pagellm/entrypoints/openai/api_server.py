@@ -16,23 +16,37 @@ from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 import pagellm
 from pagellm.engine.async_llm import AsyncLLM, EngineStats
 from pagellm.engine.pooling_engine import AsyncPoolingEngine
 from pagellm.entrypoints.openai.errors import APIError, install_error_handlers
+from pagellm.entrypoints.openai.http_protocol import PagellmH11Protocol
 from pagellm.entrypoints.openai.metrics import ServerMetrics
-from pagellm.entrypoints.openai.middleware import APIKeyMiddleware, BodyLimitMiddleware, ShutdownCancelMiddleware
+from pagellm.entrypoints.openai.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HeaderLimitMiddleware,
+    ShutdownCancelMiddleware,
+)
+from pagellm.entrypoints.openai.openapi_docs import errors, install_openapi, json_ok, json_or_stream
 from pagellm.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     ClassificationRequest,
+    ClassificationResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    TokenizeResponse,
 )
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_classification import OpenAIServingZeroShotClassification
@@ -94,10 +108,12 @@ def _respond(result: Any) -> Response:
 
 def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[str] | None = None,
               api_key: str | None = None, max_waiting_requests: int = 256, max_request_body_bytes: int = 8 << 20,
-              state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine and stops it on shutdown.
+              state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None,
+              max_header_bytes: int = 64 << 10, default_max_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine and stops it on shutdown. Serve it with server_config().
 
     An AsyncLLM serves generation (and zero-shot /classify), an AsyncPoolingEngine /v1/embeddings or /classify.
+    default_max_tokens: tokens to generate when a request sets no limit (None: up to the context window).
     """
     names = list(served_model_names or [engine.model_name])
     state = state or ServerState()
@@ -126,26 +142,30 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     app.state.server_state = state
     app.state.engine = engine
     app.state.served_model_names = names
+    app.state.max_header_bytes = max_header_bytes
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine is running (empty body)"},
+                        503: {"description": "The engine is not running (empty body)"}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.get("/version")
+    @app.get("/version", responses=errors())
     async def version() -> dict[str, str]:
         return {"version": pagellm.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors())
     async def get_metrics() -> Response:
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     if isinstance(engine, AsyncLLM):
-        _add_generate_routes(app, engine, names, max_waiting_requests, state, loras)
+        _add_generate_routes(app, engine, names, max_waiting_requests, state, loras, default_max_tokens)
     else:
         _add_pooling_routes(app, engine, names, max_waiting_requests, state)
 
@@ -153,8 +173,15 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_request_body_bytes)
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=max_header_bytes)
     app.add_middleware(ShutdownCancelMiddleware, state=state)
     return app
+
+
+def server_config(app: FastAPI, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's config for an app of build_app: its h11 protocol answers a bad or oversize request head with JSON."""
+    return uvicorn.Config(app, http=PagellmH11Protocol, h11_max_incomplete_event_size=app.state.max_header_bytes,
+                          **kwargs)
 
 
 def _model_list(names: list[str], root: str | None, max_model_len: int,
@@ -171,49 +198,50 @@ def _add_unsupported(app: FastAPI, paths: list[str], task: str, needs: str) -> N
                             f"{task!r}", param="model")
 
     for path in paths:
-        app.add_api_route(path, unsupported, methods=["POST"])
+        app.add_api_route(path, unsupported, methods=["POST"], responses=errors(400))
 
 
 def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_waiting_requests: int,
-                         state: ServerState, loras: LoRAModels) -> None:
+                         state: ServerState, loras: LoRAModels, default_max_tokens: int | None) -> None:
     token_strings = TokenStrings(engine.tokenizer)
     shared = dict(engine=engine, served_model_names=names, max_waiting_requests=max_waiting_requests,
-                  state=state, token_strings=token_strings, loras=loras)
+                  state=state, token_strings=token_strings, loras=loras, default_max_tokens=default_max_tokens)
     completion = OpenAIServingCompletion(**shared)
     chat = OpenAIServingChat(**shared)
     tokenization = OpenAIServingTokenization(**shared)
     zero_shot = OpenAIServingZeroShotClassification(**shared)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
         root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
         return _model_list(names, root, completion.context_limit, loras.cards(completion.context_limit))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=json_or_stream(CompletionResponse, CompletionResponse, 400, 503))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, completion.create_completion(req)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses=json_or_stream(ChatCompletionResponse, ChatCompletionChunk, 400, 503))
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return _respond(await run_until_disconnect(raw, chat.create_chat_completion(req)))
 
-    @app.post("/classify")
+    @app.post("/classify", responses=json_ok(ClassificationResponse, 400, 503))
     async def classify(req: ClassificationRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, zero_shot.create_classification(req)))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=json_ok(TokenizeResponse, 400))
     async def tokenize(req: TokenizeRequest) -> Response:
         return _json(tokenization.tokenize(req))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=json_ok(DetokenizeResponse, 400))
     async def detokenize(req: DetokenizeRequest) -> Response:
         return _json(tokenization.detokenize(req))
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=errors())
     async def tokenizer_info() -> dict[str, Any]:
         return tokenization.tokenizer_info()
 
-    @app.post("/reset_prefix_cache")
+    @app.post("/reset_prefix_cache", responses=errors(503))
     async def reset_prefix_cache() -> dict[str, bool]:
         return {"reset": await engine.reset_prefix_cache()}
 
@@ -225,15 +253,15 @@ def _add_pooling_routes(app: FastAPI, engine: AsyncPoolingEngine, names: list[st
                         state: ServerState) -> None:
     pooling = OpenAIServingPooling(engine, names, max_waiting_requests, state)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
         return _model_list(names, str(engine.engine.source.path), engine.engine.max_model_len)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=json_ok(EmbeddingResponse, 400, 503))
     async def embeddings(req: EmbeddingRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, pooling.create_embedding(req)))
 
-    @app.post("/classify")
+    @app.post("/classify", responses=json_ok(ClassificationResponse, 400, 503))
     async def classify(req: ClassificationRequest, raw: Request) -> Response:
         return _json(await run_until_disconnect(raw, pooling.create_classification(req)))
 
@@ -284,10 +312,11 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(engine, served_model_names=args.served_model_name, api_key=args.api_key,
                     max_waiting_requests=args.max_waiting_requests,
                     max_request_body_bytes=args.max_request_body_bytes, state=state,
-                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_grace_seconds,
-                            timeout_keep_alive=args.timeout_keep_alive)
+                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
+                    max_header_bytes=args.max_header_bytes, default_max_tokens=args.default_max_tokens)
+    config = server_config(app, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=args.shutdown_grace_seconds,
+                           timeout_keep_alive=args.timeout_keep_alive)
     server = GracefulServer(config, state)
     # NOTE: uvicorn re-raises the captured signal after a graceful shutdown, through the handler that
     # was installed before it started; ignoring it there turns a SIGTERM shutdown into exit code 0.

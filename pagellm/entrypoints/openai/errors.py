@@ -26,6 +26,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    431: "invalid_request_error",
     500: "internal_error",
     503: "service_unavailable",
 }
@@ -79,9 +80,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
     param = None
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        # NOTE: union members repeat the same field with their type name appended; keep the field.
-        field = ".".join(p for p in loc if not p.startswith(("list[", "str", "int", "function-")))
+        field = _field_path(err.get("loc", ()))
         if param is None and field:
             param = field
         if err.get("type") == "extra_forbidden":
@@ -92,6 +91,33 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             parts.append(f"{field or 'body'}: {err.get('msg')}")
     unique = list(dict.fromkeys(parts))
     return "; ".join(unique[:5]) or "invalid request body", param
+
+
+def _decode_error_message(exc: UnicodeDecodeError) -> str:
+    """What FastAPI reports as "There was an error parsing the body" when the JSON's bytes do not decode."""
+    # NOTE: json.loads guesses UTF-16/32 from the first bytes' NULs; say so when it guessed anything but UTF-8.
+    encoding = "" if exc.encoding.replace("-", "").lower().startswith("utf8") else f" (read as {exc.encoding})"
+    return (f"request body is not valid UTF-8 JSON{encoding}: {exc.reason} at byte {exc.start} "
+            f"({exc.object[exc.start:exc.start + 4]!r})")
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's error location as the client wrote the field: ("body", "messages", 1, "role") -> messages[1].role."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "body" and not _is_union_member(part):
+            path += f".{part}" if path else part
+    return path
+
+
+def _is_union_member(part: str) -> bool:
+    """NOTE: union members repeat the same field with their type name appended ("str", "list[int]"); skip those."""
+    return part in _TYPE_NAMES or "[" in part or part.startswith(("function-", "constrained-", "tagged-union"))
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "none", "any", "dict", "list"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -112,6 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and isinstance(exc.__cause__, BodyTooLarge):
             return error_json(413, str(exc.__cause__), code="request_too_large")
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            return error_json(400, _decode_error_message(exc.__cause__))
         return error_json(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: API-key check and request body limit.
+"""Pure ASGI middleware: API-key check, request head and body limits.
 
 NOTE: pure ASGI rather than starlette's BaseHTTPMiddleware, which wraps streaming responses and
 hides client disconnects from the handlers (disconnect must abort the request at once).
@@ -131,3 +131,26 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HeaderLimitMiddleware:
+    """431 for a request head (request line and headers) over the limit.
+
+    NOTE: h11 refuses a head over the limit only while it is still arriving (PagellmH11Protocol answers
+    that); one that arrived whole in one read is parsed, and refused here, so the limit holds either way.
+    """
+
+    def __init__(self, app: ASGIApp, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("method", "")) + len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+            if size > self.max_header_bytes:
+                await _send_error(send, 431, f"the request head (request line and headers) is larger than "
+                                             f"{self.max_header_bytes} bytes; send fewer or shorter headers",
+                                  "request_header_fields_too_large", {"Connection": "close"})
+                return
+        await self.app(scope, receive, send)

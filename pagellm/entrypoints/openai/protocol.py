@@ -126,11 +126,15 @@ class CompletionResponse(_Response):
 # ---- /v1/chat/completions ----------------------------------------------------------------
 
 
+# The roles OpenAI's chat API accepts ("developer" is its newer name for "system").
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(BaseModel):
     """One message; extra keys (tool_calls, ...) pass through to the chat template."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: ChatRole
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

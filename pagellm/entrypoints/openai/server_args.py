@@ -6,6 +6,13 @@ import argparse
 import os
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
@@ -33,6 +40,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--max-request-body-bytes", type=int, default=8 << 20,
                    help="answer 413 past this request body size (default: %(default)s)")
+    g.add_argument("--max-header-bytes", type=_positive_int, default=64 << 10,
+                   help="answer 431 past this size of a request's line and headers (default: %(default)s)")
+    g.add_argument("--default-max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="tokens to generate for a request that sets no limit (chat without max_tokens or "
+                        "max_completion_tokens, completions with max_tokens null); an explicit max_tokens "
+                        "still wins (default: unset, generate up to the context window)")
     g.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="on SIGTERM, time running requests get to finish before they are aborted "
                         "(default: %(default)s)")

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pagellm.engine.async_llm import AsyncLLM, RequestStream
@@ -110,9 +110,12 @@ class OpenAIServing(ServingBase):
 
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], max_waiting_requests: int,
                  state: ServerState, token_strings: TokenStrings | None = None,
-                 loras: LoRAModels | None = None) -> None:
+                 loras: LoRAModels | None = None, default_max_tokens: int | None = None) -> None:
         super().__init__(engine, served_model_names, max_waiting_requests, state)
+        if default_max_tokens is not None and default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
         self.loras = loras
+        self.default_max_tokens = default_max_tokens
         self.tokenizer = engine.tokenizer
         self.token_str = token_strings or TokenStrings(engine.tokenizer)
         processor = engine.input_processor
@@ -176,17 +179,46 @@ class OpenAIServing(ServingBase):
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                     continue_final_message: bool = False,
                     chat_template_kwargs: dict[str, Any] | None = None) -> EnginePrompt:
-        """Render the chat template; the rendered text already holds its special tokens."""
+        """Render the chat template; the rendered text already holds its special tokens.
+
+        chat_template_kwargs become template variables; its add_generation_prompt and continue_final_message
+        override the top-level fields (vLLM's order); names the renderer itself takes are refused.
+        """
+        kwargs = dict(chat_template_kwargs or {})
+        for name in _RENDERER_FLAGS:
+            if name in kwargs:
+                value = kwargs.pop(name)
+                if not isinstance(value, bool):
+                    raise InvalidRequest(f"chat_template_kwargs[{name!r}] must be true or false, got {value!r}",
+                                         param="chat_template_kwargs")
+                add_generation_prompt = value if name == "add_generation_prompt" else add_generation_prompt
+                continue_final_message = value if name == "continue_final_message" else continue_final_message
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+        if reserved:
+            raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(map(repr, reserved))}: the server "
+                                 "passes these to the chat template itself", param="chat_template_kwargs")
         if continue_final_message and add_generation_prompt:
             raise InvalidRequest("continue_final_message and add_generation_prompt cannot both be true",
                                  param="continue_final_message")
         conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
-        kwargs = dict(chat_template_kwargs or {})
         if continue_final_message:
             kwargs["continue_final_message"] = True
         text = self.engine.input_processor.apply_chat_template(
             conversation, add_generation_prompt=add_generation_prompt, **kwargs)
         return EnginePrompt(text, self.tokenize_text(text, add_special_tokens=False))
+
+    def with_default_max_tokens(self, prompt: EnginePrompt, params: SamplingParams) -> SamplingParams:
+        """The server's --default-max-tokens for a request that set no limit, where it fits the window.
+
+        NOTE: where the default would pass the window the limit stays None (generate up to the window, which is
+        the same output), so a default never fails a request that would run without it.
+        """
+        if params.max_tokens is not None or self.default_max_tokens is None:
+            return params
+        max_tokens = max(self.default_max_tokens, params.min_tokens)
+        if len(prompt.token_ids) + max_tokens > self.context_limit:
+            return params
+        return replace(params, max_tokens=max_tokens)
 
     # ---- running --------------------------------------------------------------------------
 
@@ -199,8 +231,20 @@ class OpenAIServing(ServingBase):
 
     def add_request(self, request_id: str, prompt: EnginePrompt, params: SamplingParams,
                     priority: int, arrival_time: float, lora_request: LoRARequest | None = None) -> RequestStream:
+        params = self.with_default_max_tokens(prompt, params)
         return self.engine.add_request(request_id, prompt.as_engine_prompt(), params, priority=priority,
                                        arrival_time=arrival_time, lora_request=lora_request)
+
+
+# chat_template_kwargs keys that are the renderer's own boolean arguments: honoured.
+_RENDERER_FLAGS = ("add_generation_prompt", "continue_final_message")
+# Names the call chain down to jinja's render() takes itself (InputProcessor, transformers' or LiteTokenizer's
+# apply_chat_template, render_chat, Template.render): as template variables they would collide (a TypeError).
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "self", "messages", "conversation", "conversations", "template", "chat_template", "tokenize", "tools",
+    "documents", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
 
 
 def new_request_id(prefix: str) -> str:

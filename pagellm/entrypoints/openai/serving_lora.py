@@ -11,6 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from pagellm.engine.async_llm import AsyncLLM
 from pagellm.entrypoints.openai.errors import APIError
+from pagellm.entrypoints.openai.openapi_docs import errors
 from pagellm.entrypoints.openai.protocol import LoadLoRAAdapterRequest, ModelCard, UnloadLoRAAdapterRequest
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
@@ -85,12 +86,12 @@ class LoRAModels:
 def add_lora_routes(app: FastAPI, loras: LoRAModels) -> None:
     """vLLM's run-time adapter routes: POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=errors(400, 503))
     async def load_lora_adapter(req: LoadLoRAAdapterRequest) -> Response:
         await loras.load(req.lora_name, req.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=errors(400, 404, 503))
     async def unload_lora_adapter(req: UnloadLoRAAdapterRequest) -> Response:
         await loras.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
