@@ -58,8 +58,11 @@ def test_adapter_by_model_name_matches_offline(lora_server, adapter_dirs, offlin
     assert _complete(client, "a") == want_a[0].outputs[0].text
     assert _complete(client, base) == want_base[0].outputs[0].text
     assert want_a[0].outputs[0].text != want_base[0].outputs[0].text
-    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert chat.choices[0].message.content is not None
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    want_chat = offline.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4,
+                             ignore_eos=True), lora_request=LoRARequest("a", 1, adapter_dirs["a"]), use_tqdm=False)
+    assert chat.choices[0].message.content == want_chat[0].outputs[0].text and chat.usage.completion_tokens == 4
 
 
 def test_load_and_unload_at_run_time(lora_server, adapter_dirs, offline):
