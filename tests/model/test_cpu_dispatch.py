@@ -48,9 +48,20 @@ def test_features_parse_the_cpuinfo_flags():
 def test_this_machine_is_read_from_proc_cpuinfo():
     with open("/proc/cpuinfo") as f:
         flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-    features = kernels.cpu_features()
+    features = kernels._detected_features()  # NOTE: what the build is for, whatever PAGELLM_CPU_FLAGS says
     assert features.avx2 == ("avx2" in flags) and features.avx512_bf16 == ("avx512_bf16" in flags)
     assert kernels.kernel_module_name().endswith(features.build_key())
+
+
+def test_pagellm_cpu_flags_takes_another_kinds_branch_but_not_its_build(monkeypatch):
+    monkeypatch.setenv("PAGELLM_CPU_FLAGS", ZEN4)
+    kernels.cpu_features.cache_clear()
+    try:
+        assert kernels.cpu_features() == CpuFeatures.from_flags(ZEN4)
+        assert kernels.kernel_module_name() == kernels.kernel_module_name(kernels._detected_features())
+    finally:
+        monkeypatch.delenv("PAGELLM_CPU_FLAGS")
+        kernels.cpu_features.cache_clear()
 
 
 def test_activation_dtype_per_cpu_kind(cpu_kind):

@@ -65,7 +65,20 @@ class CpuFeatures:
 
 @cache
 def cpu_features() -> CpuFeatures:
-    """This CPU's features, read once from /proc/cpuinfo (none where it cannot be read)."""
+    """This CPU's features, read once from /proc/cpuinfo (none where it cannot be read).
+
+    PAGELLM_CPU_FLAGS="avx2 fma avx512_bf16 ..." replaces them, to run another CPU kind's branches (which
+    activations a model computes in) on this machine, e.g. the test suite as a native-bf16 CPU takes it;
+    the C++ kernels stay this machine's build.
+    """
+    if (override := os.environ.get("PAGELLM_CPU_FLAGS")) is not None:
+        return CpuFeatures.from_flags(override)
+    return _detected_features()
+
+
+@cache
+def _detected_features() -> CpuFeatures:
+    """What /proc/cpuinfo says, whatever PAGELLM_CPU_FLAGS says: what `-march=native` builds for."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -78,7 +91,7 @@ def cpu_features() -> CpuFeatures:
 
 def kernel_module_name(features: CpuFeatures | None = None) -> str:
     """The extension's name, and so its build folder: one per CPU feature set, since the build is -march=native."""
-    return f"pagellm_kernels_{(features or cpu_features()).build_key()}"
+    return f"pagellm_kernels_{(features or _detected_features()).build_key()}"
 
 
 def load_kernel():
