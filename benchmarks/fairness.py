@@ -24,7 +24,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int) -> dict:
+def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int, baseline_steps: int = 60) -> dict:
     """Streams decode; a long prompt arrives (unless long_len == 0); returns gaps and the long prompt's TTFT."""
     engine = llm.llm_engine
     engine.core.scheduler.config.max_prefill_tokens_while_decoding = cap
@@ -73,7 +73,7 @@ def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int)
             if any(o.request_id == long_id for o in outs):
                 ttft = time.perf_counter() - t_add
     else:
-        for _ in range(60):
+        for _ in range(baseline_steps):
             step()
             num_steps += 1
     engine.abort_request(ids)
@@ -92,14 +92,15 @@ def main() -> None:
     p.add_argument("--long-len", type=int, default=8191)
     p.add_argument("--num-streams", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--baseline-steps", type=int, default=60, help="decode steps of the streams alone, per cap")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     llm = LLM(max_num_seqs=8, max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
-    run_scenario(llm, 0, 0, args.num_streams, seed=99)  # warm-up
+    run_scenario(llm, 0, 0, args.num_streams, seed=99, baseline_steps=5)  # warm-up
     result: dict = {"model": "SmolLM2-135M-Instruct (bundled)", "max_num_batched_tokens": args.max_num_batched_tokens,
                     "num_streams": args.num_streams, "load_avg_before": load_average(), "runs": []}
     for seed, cap in enumerate(int(c) for c in args.caps.split(",")):
-        base = run_scenario(llm, cap, 0, args.num_streams, seed=2 * seed)
+        base = run_scenario(llm, cap, 0, args.num_streams, seed=2 * seed, baseline_steps=args.baseline_steps)
         long = run_scenario(llm, cap, args.long_len, args.num_streams, seed=2 * seed + 1)
         long["baseline_itl_p99_s"] = base["itl_p99_s"]
         long["baseline_itl_p50_s"] = base["itl_p50_s"]

@@ -106,3 +106,18 @@ def test_long_prompt_keeps_running_streams_within_3x_inter_token_latency(long_co
     print(results)  # shown with -s
     # The unbounded run shows what the bound prevents: one step prefilling ~2k tokens.
     assert without["beside_p99"] > with_bound["beside_p99"], results
+
+
+def test_prefill_bound_reaches_the_scheduler_from_the_cli_and_llm(tiny_llama_dir: str) -> None:
+    import argparse
+
+    from pagellm.entrypoints.cli import add_engine_args, engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_kwargs(parser.parse_args([]))["max_prefill_tokens_while_decoding"] == \
+        DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING == 256
+    kwargs = engine_kwargs(parser.parse_args(["--model", tiny_llama_dir, "--max-prefill-tokens-while-decoding", "64",
+                                              "--dtype", "float32", "--num-blocks", "64", "--block-size", "4"]))
+    llm = LLM(**kwargs)
+    assert llm.llm_engine.core.scheduler.config.max_prefill_tokens_while_decoding == 64
