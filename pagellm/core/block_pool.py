@@ -28,10 +28,17 @@ class BlockPool:
     """Owns every KV block: allocation, ref counts, the LRU free queue and the hash -> block cache.
 
     Invariants:
-    - a block is in the free queue iff its ref_count == 0;
-    - the free queue is LRU ordered: freed blocks go to the tail, allocation pops the head, so a
-      cached block that is free stays reusable until it is the least recently freed one;
+    - a block is in the free queue iff its ref_count == 0; the free queue is in the order freed;
+    - every free block is in exactly one of: ``_free_uncached`` (used before, no cached KV),
+      ``_free_cached`` (holds cached KV) or the never-used ids ``_num_used_ever..num_blocks-1``;
     - ``cached_blocks[h].block_hash == h``; a block whose hash is set holds the KV of those tokens.
+
+    Allocation order: resident memory first. The KV tensors are backed lazily (the OS maps a page
+    on its first write), so handing out a never-used block grows the process's resident memory
+    for good. A new block is therefore the most recently freed block with no cached KV, else the
+    least recently freed cached block (evicting its hash, LRU), and a never-used block only when
+    every used one is taken. Resident KV memory thus follows the peak number of blocks in use at
+    once, not the traffic seen: the prefix cache keeps what fits in that memory.
 
     NOTE: no block is reserved as a null block; ids 0..num_blocks-1 are all usable. Nothing in
     pagellm needs a placeholder id (no sliding window), and the worker pads block tables itself.
@@ -46,6 +53,10 @@ class BlockPool:
         # from the middle (a cache hit on a free block), with no hand-written linked list.
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
+        # The free queue split by what reusing a block costs (see the class docstring).
+        self._free_uncached: OrderedDict[int, KVBlock] = OrderedDict()
+        self._free_cached: OrderedDict[int, KVBlock] = OrderedDict()
+        self._num_used_ever = 0  # never-used blocks are handed out in id order: ids >= this
 
     # ---- allocation ----------------------------------------------------------------------
 
@@ -58,14 +69,26 @@ class BlockPool:
         """Fraction of blocks in use (ref_count > 0), in [0, 1]."""
         return 1.0 - len(self.free_queue) / self.num_blocks
 
+    @property
+    def num_used_ever(self) -> int:
+        """Blocks handed out at least once: the KV cache's resident share, in blocks."""
+        return self._num_used_ever
+
     def get_new_blocks(self, num_blocks: int) -> list[KVBlock]:
-        """Pop num_blocks least recently freed blocks, evicting their cached hashes; ref_count = 1."""
+        """Pop num_blocks free blocks, resident memory first, evicting cached hashes; ref_count = 1."""
         assert num_blocks <= len(self.free_queue), (
             f"asked for {num_blocks} blocks, only {len(self.free_queue)} free"
         )
         new_blocks = []
         for _ in range(num_blocks):
-            _, block = self.free_queue.popitem(last=False)
+            if self._free_uncached:
+                _, block = self._free_uncached.popitem(last=True)
+            elif self._free_cached:
+                _, block = self._free_cached.popitem(last=False)
+            else:
+                block = self.blocks[self._num_used_ever]
+                self._num_used_ever += 1
+            del self.free_queue[block.block_id]
             assert block.ref_count == 0, f"{block} in the free queue while in use"
             self._evict(block)
             block.ref_count = 1
@@ -77,6 +100,8 @@ class BlockPool:
         for block in blocks:
             if block.ref_count == 0:
                 del self.free_queue[block.block_id]
+                self._free_cached.pop(block.block_id, None)
+                self._free_uncached.pop(block.block_id, None)
             block.ref_count += 1
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
@@ -90,6 +115,8 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block.block_id] = block
+                free = self._free_uncached if block.block_hash is None else self._free_cached
+                free[block.block_id] = block
 
     # ---- prefix cache --------------------------------------------------------------------
 
@@ -132,4 +159,6 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self.cached_blocks.clear()
+        self._free_uncached.update(self._free_cached)
+        self._free_cached.clear()
         return True

@@ -57,6 +57,37 @@ class WaitingQueue:
         return iter(self._fifo)
 
 
+def _is_decoding(request: Request) -> bool:
+    """Generating: has output tokens and only its last sampled token left to compute."""
+    return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
+
+
+class _StepBudget:
+    """One step's token budget, and the share of it that prompt (non-decode) tokens may take."""
+
+    def __init__(self, max_tokens: int, prefill_cap: int) -> None:
+        self.max_tokens = max_tokens
+        self.prefill_cap = prefill_cap
+        self.num_tokens = 0
+        self.num_prefill_tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.max_tokens - self.num_tokens
+
+    @property
+    def prefill_tokens(self) -> int:
+        return min(self.prefill_cap - self.num_prefill_tokens, self.tokens)
+
+    def spend(self, num_tokens: int, is_prefill: bool) -> None:
+        self.num_tokens += num_tokens
+        self.num_prefill_tokens += num_tokens if is_prefill else 0
+
+    def give_back(self, num_tokens: int, is_prefill: bool) -> None:
+        """The tokens of a request preempted after it was scheduled in this step."""
+        self.spend(-num_tokens, is_prefill)
+
+
 class Scheduler:
     """Owns the waiting queue and the running list; decides each step's tokens and finishes requests.
 
@@ -139,7 +170,8 @@ class Scheduler:
         """Choose this step's tokens; advances num_computed_tokens of every scheduled request."""
         num_scheduled: dict[str, int] = {}  # req_id -> tokens this step, in scheduling order
         preempted_req_ids: list[str] = []
-        budget = self._schedule_running(num_scheduled, preempted_req_ids)
+        budget = _StepBudget(self.config.max_num_batched_tokens, self._prefill_cap())
+        self._schedule_running(num_scheduled, preempted_req_ids, budget)
         # NOTE: no admissions in a step that preempted: the pool is full, and re-admitting the
         # victim right away would only thrash.
         if not preempted_req_ids:
@@ -171,25 +203,38 @@ class Scheduler:
             scheduled=scheduled, finished_req_ids=finished_req_ids, preempted_req_ids=preempted_req_ids
         )
 
-    def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        num_new = min(request.num_tokens - num_computed_tokens, budget)
+    def _prefill_cap(self) -> int:
+        """Prompt tokens this step may take: bounded while a running request is decoding."""
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap > 0 and any(_is_decoding(r) for r in self.running):
+            return cap
+        return self.config.max_num_batched_tokens
+
+    def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: _StepBudget) -> int:
+        """Tokens to schedule for request this step; 0 when this step's prefill share is spent."""
+        num_new = min(request.num_tokens - num_computed_tokens, budget.tokens)
+        if not _is_decoding(request):
+            num_new = min(num_new, budget.prefill_tokens)
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
 
-    def _schedule_running(self, num_scheduled: dict[str, int], preempted_req_ids: list[str]) -> int:
-        """Schedule running requests in order, preempting on lack of blocks; returns the budget left."""
-        budget = self.config.max_num_batched_tokens
+    def _schedule_running(
+        self, num_scheduled: dict[str, int], preempted_req_ids: list[str], budget: _StepBudget
+    ) -> None:
+        """Schedule running requests in order, preempting on lack of blocks; spends budget."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.tokens > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
-            assert num_new > 0, f"{request} is running with nothing to compute"
+            if num_new == 0:
+                i += 1  # a prefill waiting for the next step's prefill share
+                continue
             while self.kv_cache_manager.allocate_slots(request, num_new) is None:
                 victim = self._pick_victim()
                 victim_index = self.running.index(victim)
                 # A victim scheduled earlier in this step (priority policy) gives its tokens back.
-                budget += num_scheduled.pop(victim.req_id, 0)
+                budget.give_back(num_scheduled.pop(victim.req_id, 0), not _is_decoding(victim))
                 self._preempt(victim)
                 preempted_req_ids.append(victim.req_id)
                 if victim_index < i:
@@ -198,9 +243,8 @@ class Scheduler:
                     break
             else:
                 num_scheduled[request.req_id] = num_new
-                budget -= num_new
+                budget.spend(num_new, not _is_decoding(request))
                 i += 1
-        return budget
 
     def _pick_victim(self) -> Request:
         """The running request to preempt: the last admitted, or (priority) the worst key."""
@@ -219,10 +263,10 @@ class Scheduler:
         self._num_preemptions += 1
         self.waiting.push(request, front=True)
 
-    def _schedule_waiting(self, num_scheduled: dict[str, int], budget: int) -> None:
+    def _schedule_waiting(self, num_scheduled: dict[str, int], budget: _StepBudget) -> None:
         """Admit waiting requests in queue order until the budget, max_num_seqs or the pool runs out."""
         kv = self.kv_cache_manager
-        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while len(self.waiting) and budget.prefill_tokens > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             if not self._has_lora_room(request):
                 break  # NOTE: waits for a running adapter to finish; one step mixes at most max_loras
@@ -237,7 +281,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_scheduled[request.req_id] = num_new
-            budget -= num_new
+            budget.spend(num_new, True)
 
     def _has_lora_room(self, request: Request) -> bool:
         if not request.lora_id or not self.config.max_loras:

@@ -10,6 +10,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pagellm.config import DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING  # noqa: E402 - after the env defaults
+
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
     """Engine flags shared by every sub-command (vLLM's names)."""
@@ -42,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--max-num-seqs", type=int, default=64, help="max running sequences (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step (default: %(default)s)")
+    g.add_argument("--max-prefill-tokens-while-decoding", type=int, default=DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
+                   help="prompt tokens one step may compute while other requests are decoding, so a long "
+                        "prompt cannot stall running streams; 0 = no bound (default: %(default)s)")
     g.add_argument("--block-size", type=int, default=16, help="KV cache block size (default: %(default)s)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--kv-cache-memory", type=int, default=None,
@@ -59,6 +64,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
+        max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
         device=args.device, **lora_kwargs(args),
     )

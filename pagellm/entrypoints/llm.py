@@ -6,7 +6,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from pagellm.config import (
+    DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
+    CacheConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.label_scorer import LabelScorer, score_with_engine
 from pagellm.engine.llm_engine import LLMEngine
@@ -56,6 +62,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
+        max_prefill_tokens_while_decoding: int = DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
         seed: int = 0,
         task: str = "generate",
         pooler_config: PoolerConfig | None = None,
@@ -87,7 +94,8 @@ class LLM:
             CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                         enable_prefix_caching=enable_prefix_caching, cache_dtype=kv_cache_dtype),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            policy=scheduling_policy),
+                            policy=scheduling_policy,  # type: ignore[arg-type]
+                            max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding),
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
         )
 

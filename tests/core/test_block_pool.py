@@ -27,13 +27,25 @@ def test_allocation_pops_the_head_and_sets_ref_counts() -> None:
     assert free_ids(pool) == [3, 4, 5, 6, 7]
 
 
-def test_freed_blocks_join_the_tail_in_the_given_order() -> None:
+def test_freed_blocks_are_reused_most_recent_first_before_never_used_ones() -> None:
     pool = BlockPool(6, enable_caching=False)
     blocks = pool.get_new_blocks(3)
     pool.free_blocks(reversed(blocks))
     assert free_ids(pool) == [3, 4, 5, 2, 1, 0]
-    # LRU: the next allocations take the never-used blocks first, then 2 (freed first).
-    assert [b.block_id for b in pool.get_new_blocks(4)] == [3, 4, 5, 2]
+    # Resident memory first: 0 (freed last), 1, 2; only then a never-used block.
+    assert [b.block_id for b in pool.get_new_blocks(4)] == [0, 1, 2, 3]
+    assert pool.num_used_ever == 4
+
+
+def test_repeated_allocate_and_free_touches_no_new_block() -> None:
+    """The KV tensors are backed lazily: blocks used once stay resident, so a steady load must cycle
+    through the same blocks instead of walking the whole pool (issue 15: RSS grew to the full cache)."""
+    pool = BlockPool(64, enable_caching=True)
+    for i in range(200):
+        blocks = pool.get_new_blocks(3)
+        pool.cache_full_blocks(blocks[:2], [h(3 * i), h(3 * i + 1)])  # two full blocks, one partial
+        pool.free_blocks(reversed(blocks))
+    assert pool.num_used_ever == 3
 
 
 def test_shared_block_is_freed_only_when_the_last_reference_goes() -> None:
@@ -61,21 +73,23 @@ def test_allocating_more_than_free_is_an_assertion() -> None:
         pool.get_new_blocks(3)
 
 
-def test_cached_free_block_is_evicted_only_when_it_reaches_the_head() -> None:
-    pool = BlockPool(4, enable_caching=True)
-    a, b = pool.get_new_blocks(2)
+def test_cached_free_blocks_are_evicted_lru_before_a_never_used_block_is_touched() -> None:
+    pool = BlockPool(5, enable_caching=True)
+    a, b, c = pool.get_new_blocks(3)
     pool.cache_full_blocks([a, b], [h(1), h(2)])
-    pool.free_blocks([b, a])
-    assert free_ids(pool) == [2, 3, 1, 0]
+    pool.free_blocks([b, a, c])
+    assert free_ids(pool) == [3, 4, 1, 0, 2]
     # Cached and free: still found by hash.
     assert pool.get_cached_block(h(1)) is a and pool.get_cached_block(h(2)) is b
-    # Two allocations take the uncached blocks; the cache is untouched.
-    assert [x.block_id for x in pool.get_new_blocks(2)] == [2, 3]
+    # c holds no cached KV: taken first; the cache is untouched.
+    assert pool.get_new_blocks(1) == [c]
     assert pool.get_cached_block(h(1)) is a and pool.get_cached_block(h(2)) is b
-    # The next one evicts b (freed first), dropping its hash.
+    # Then b (freed before a) is evicted, dropping its hash, rather than touching block 3.
     assert pool.get_new_blocks(1) == [b]
     assert b.block_hash is None and pool.get_cached_block(h(2)) is None
     assert pool.get_cached_block(h(1)) is a
+    assert [x.block_id for x in pool.get_new_blocks(3)] == [0, 3, 4]
+    assert pool.num_used_ever == 5
 
 
 def test_touching_a_free_cached_block_takes_it_out_of_the_queue() -> None:

@@ -276,8 +276,13 @@ class Harness:
         self.req_ids.append(req_id)
 
     def step(self, sampled: list[int]) -> None:
+        decoding = {r.req_id for r in self.sched.running
+                    if r.num_output_tokens and r.num_computed_tokens == r.num_tokens - 1}
         out = self.sched.schedule()
         self.check_output(out)
+        cap = self.sched.config.max_prefill_tokens_while_decoding
+        if decoding and cap:  # while any request decodes, prompt tokens stay within the bound
+            assert sum(s.num_scheduled_tokens for s in out.scheduled if s.req_id not in decoding) <= cap
         for s in out.scheduled:  # the fake forward pass writes this step's KV
             request = self.sched.requests[s.req_id]
             for pos in range(s.num_computed_tokens, s.num_computed_tokens + s.num_scheduled_tokens):
@@ -350,14 +355,15 @@ class Harness:
     ops=st.lists(op_st, max_size=40),
     policy=st.sampled_from(["fcfs", "priority"]),
     threshold=st.sampled_from([0, 3]),
+    prefill_cap=st.sampled_from([0, 2]),
 )
 def test_random_schedules_never_leak_or_double_free(
-    caching: bool, ops: list[tuple[str, object]], policy: str, threshold: int
+    caching: bool, ops: list[tuple[str, object]], policy: str, threshold: int, prefill_cap: int
 ) -> None:
     sched = Scheduler(
         SchedulerConfig(
             max_num_seqs=4, max_num_batched_tokens=10, max_model_len=40, policy=policy,  # type: ignore[arg-type]
-            long_prefill_token_threshold=threshold,
+            long_prefill_token_threshold=threshold, max_prefill_tokens_while_decoding=prefill_cap,
         ),
         CacheConfig(block_size=4, num_blocks=16, enable_prefix_caching=caching),
     )  # fmt: skip

@@ -132,6 +132,68 @@ def test_long_prefill_threshold_splits_prompts() -> None:
     assert plan(step(sched)[0]) == [("a", 6, 1, [0, 2], True), ("b", 3, 1, [1], True)]
 
 
+def _decoding_plus_long_prompt(cap: int, budget: int = 16) -> Scheduler:
+    """a decodes (its 3-token prompt done, first token sampled); then the 20-token b arrives."""
+    sched = make_scheduler(budget=budget, num_blocks=32, max_prefill_tokens_while_decoding=cap)
+    sched.add_request(make_request("a", 3, max_tokens=30))
+    assert plan(step(sched)[0]) == [("a", 0, 3, [0], True)]
+    sched.add_request(make_request("b", 20, start=100, max_tokens=2))
+    return sched
+
+
+def test_prefill_tokens_are_bounded_while_a_request_decodes() -> None:
+    sched = _decoding_plus_long_prompt(cap=4)
+    # The budget (16) would give b 15 tokens; while a decodes, b gets 4 a step.
+    assert plan(step(sched)[0]) == [("a", 3, 1, [0], True), ("b", 0, 4, [1], False)]
+    assert plan(step(sched)[0]) == [("a", 4, 1, [0, 2], True), ("b", 4, 4, [1, 3], False)]
+    assert [p[1:3] for p in plan(step(sched)[0])] == [(5, 1), (8, 4)]
+    assert [p[1:3] for p in plan(step(sched)[0])] == [(6, 1), (12, 4)]
+    out = step(sched)[0]
+    assert [p[1:3] for p in plan(out)] == [(7, 1), (16, 4)] and out.scheduled[1].sample
+    # b decodes now too: two 1-token decodes, no prompt tokens.
+    assert [p[1:3] for p in plan(step(sched)[0])] == [(8, 1), (20, 1)]
+
+
+def test_prefill_takes_the_whole_budget_when_nothing_decodes() -> None:
+    sched = make_scheduler(budget=16, num_blocks=32, max_prefill_tokens_while_decoding=4)
+    sched.add_request(make_request("b", 20, start=100, max_tokens=2))
+    assert plan(step(sched)[0]) == [("b", 0, 16, [0, 1, 2, 3], False)]
+    # a arrives while b is still a prefill: neither decodes, so both chunks fill the budget.
+    sched.add_request(make_request("a", 3, max_tokens=30))
+    assert plan(step(sched)[0]) == [("b", 16, 4, [0, 1, 2, 3, 4], True), ("a", 0, 3, [5], True)]
+
+
+def test_prefill_bound_is_shared_by_every_prompt_of_the_step() -> None:
+    sched = _decoding_plus_long_prompt(cap=6)
+    sched.add_request(make_request("c", 5, start=200, max_tokens=2))
+    # b (admitted first) takes the whole share; c waits for a step with share left.
+    assert plan(step(sched)[0]) == [("a", 3, 1, [0], True), ("b", 0, 6, [1, 2], False)]
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+    assert [p[:3] for p in plan(step(sched)[0])] == [("a", 4, 1), ("b", 6, 6)]
+    assert [p[:3] for p in plan(step(sched)[0])] == [("a", 5, 1), ("b", 12, 6)]
+    # b needs 2 more; c is admitted with the 4 left of the share.
+    assert [p[:3] for p in plan(step(sched)[0])] == [("a", 6, 1), ("b", 18, 2), ("c", 0, 4)]
+
+
+def test_prefill_bound_zero_turns_it_off() -> None:
+    sched = _decoding_plus_long_prompt(cap=0)
+    assert plan(step(sched)[0]) == [("a", 3, 1, [0], True), ("b", 0, 15, [1, 2, 3, 4], False)]
+
+
+def test_prefill_bound_lifts_when_the_decoding_request_finishes() -> None:
+    sched = make_scheduler(budget=16, num_blocks=32, max_prefill_tokens_while_decoding=4)
+    sched.add_request(make_request("a", 3, max_tokens=2))
+    step(sched)
+    sched.add_request(make_request("b", 30, start=100, max_tokens=2))
+    assert [p[:3] for p in plan(step(sched)[0])] == [("a", 3, 1), ("b", 0, 4)]  # a finishes here
+    assert [p[:3] for p in plan(step(sched)[0])] == [("b", 4, 16)]
+
+
+def test_negative_prefill_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding"):
+        SchedulerConfig(max_prefill_tokens_while_decoding=-1)
+
+
 @pytest.mark.parametrize(
     "policy, expected",
     [("fcfs", ["low", "high", "mid", "mid_late"]), ("priority", ["high", "mid", "mid_late", "low"])],
@@ -175,7 +237,9 @@ def test_preemption_recomputes_and_matches_the_plain_run(caching: bool) -> None:
     # a needs a third block for position 8 and none is free: b, the last admitted, is preempted.
     out, _ = step(sched)
     assert out.preempted_req_ids == ["b"]
-    assert plan(out) == [("a", 8, 1, [0, 1, 3], True)]
+    # Cached, b's blocks are evicted LRU (its tail block 3 was freed first); uncached, the most
+    # recently freed block (2) is reused first.
+    assert plan(out) == [("a", 8, 1, [0, 1, 3 if caching else 2], True)]
     assert (b.status, b.num_computed_tokens, b.num_preemptions) == (RequestStatus.PREEMPTED, 0, 1)
     assert sched.num_waiting == 1 and sched.num_preemptions == 1
     assert sched.kv_cache_manager.get_block_ids("b") == []
@@ -327,7 +391,7 @@ def test_prompt_logprobs_pass_through_and_are_not_repeated_after_preemption() ->
     assert [len(o.new_prompt_logprobs) for o in outputs] == [4] and outputs[0].new_token_ids == []
     sched._preempt(request)  # white box: the simplest way to force a mid-prompt preemption
     out = sched.schedule()  # recomputes positions 0..3 (prompt logprobs never take prefix hits)
-    assert plan(out) == [("a", 0, 4, [1], False)]  # block 0 went to the free queue's tail
+    assert plan(out) == [("a", 0, 4, [0], False)]  # block 0 (freed, no cached KV) is reused first
     assert sched.update_from_output(out, ModelRunnerOutput(prompt_logprobs={"a": lp(4)})) == []
     out = sched.schedule()  # positions 4..7: logprobs of tokens 5..7, then the sample
     runner = ModelRunnerOutput(sampled_token_ids={"a": 3}, prompt_logprobs={"a": lp(3)})
