@@ -51,7 +51,7 @@ class CacheConfig:
                              f"got {self.cache_dtype!r}")
 
 
-# Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/fairness_notes.md): beside 4 streams it cut
+# Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/reliability.md#fairness-under-long-prompts): beside 4 streams it cut
 # their inter-token p99 stall from 90x to 6.6x at a 2k context; 128 did no better, 64 worse.
 DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
 
@@ -70,7 +70,7 @@ class SchedulerConfig:
     # NOTE: while any running request is decoding, the prompt tokens (of all prefilling requests
     # together) one step computes are capped at this, so that a long prompt is prefilled in small
     # chunks between decode steps instead of stretching every stream's inter-token latency.
-    # A step with no decode takes the whole budget. 0: no bound. See docs/fairness_notes.md.
+    # A step with no decode takes the whole budget. 0: no bound. See docs/reliability.md#fairness-under-long-prompts.
     max_prefill_tokens_while_decoding: int = DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING
     # Distinct LoRA adapters one step may mix (LoRAConfig.max_loras); 0: LoRA is off.
     max_loras: int = 0
