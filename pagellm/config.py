@@ -51,7 +51,7 @@ class CacheConfig:
                              f"got {self.cache_dtype!r}")
 
 
-# Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/reliability.md#fairness-under-long-prompts): beside 4 streams it cut
+# Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/reliability.md, "Fairness under long prompts"):
 # their inter-token p99 stall from 90x to 6.6x at a 2k context; 128 did no better, 64 worse.
 DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
 
