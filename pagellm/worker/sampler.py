@@ -46,7 +46,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], grammar_req_ids: Sequence[str] = (),
+               grammar_bitmask: torch.Tensor | None = None) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (
             f"logits {tuple(logits.shape)} do not match {len(rows)} rows"
         )
@@ -57,7 +58,10 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         # NOTE: a padded lm_head may have more columns than the tokenizer has tokens.
         raw = logits[:, : self.vocab_size].float()  # [num_rows, vocab]
-        processed = process_logits(raw, rows)
+        # NOTE: the grammar mask comes first (penalties and sampling see only allowed tokens); logprobs
+        # still come from the raw logits, as without a grammar.
+        masked = apply_grammar_bitmask(raw, rows, grammar_req_ids, grammar_bitmask)
+        processed = process_logits(masked, rows)
 
         params = [r.sampling_params for r in rows]
         is_greedy = [p.is_greedy or p.top_k == 1 for p in params]
@@ -129,6 +133,29 @@ class Sampler:
             generator.manual_seed(row.sampling_params.seed)
             self._generators[row.req_id] = generator
         return generator
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, rows: Sequence[ScheduledRequest], grammar_req_ids: Sequence[str],
+                          bitmask: torch.Tensor | None) -> torch.Tensor:
+    """A copy of ``logits`` with the tokens each constrained row's grammar forbids at -inf (``logits`` if none).
+
+    ``bitmask`` is int32 [len(grammar_req_ids), ceil(vocab / 32)]: bit t % 32 of word t // 32 set = token t
+    allowed (xgrammar's layout). Rows are matched by req_id; the unpack is one vectorized shift-and-and.
+    """
+    if bitmask is None or not grammar_req_ids:
+        return logits
+    index_of = {row.req_id: i for i, row in enumerate(rows)}
+    pairs = [(index_of[req_id], j) for j, req_id in enumerate(grammar_req_ids) if req_id in index_of]
+    if not pairs:
+        return logits
+    device = logits.device
+    row_idx = torch.tensor([i for i, _ in pairs], device=device)
+    words = bitmask[[j for _, j in pairs]].to(device)  # [n, num_words]
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((words[:, :, None] >> shifts) & 1).view(len(pairs), -1)[:, : logits.shape[1]].bool()
+    logits = logits.clone()
+    logits[row_idx] = logits[row_idx].masked_fill_(~allowed, -torch.inf)
+    return logits
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[ScheduledRequest]) -> torch.Tensor:
