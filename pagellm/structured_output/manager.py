@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the rest is the message.
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 _NUM_COMPILE_THREADS = 2
+# NOTE: "any whitespace" is capped at this many characters between two JSON tokens: unbounded, a weak
+# model can emit whitespace until max_tokens and never close the object (a cap of 20 still allows
+# newline + indentation 9 levels deep).
+MAX_WHITESPACE = 20
 _CACHE_SIZE = 512  # compiled grammars kept (a JSON schema's is tens of KB)
 # Whitespace strings that tell a whitespace_pattern allowing whitespace from one allowing none.
 _WHITESPACE_PROBES = (" ", "  ", "\n", "\t", "\r\n")
@@ -173,7 +177,8 @@ class StructuredOutputManager:
                 compact = _is_compact(params.whitespace_pattern)
                 # NOTE: json_object is any JSON object: the schema {"type": "object"} without strict mode
                 schema = json.dumps(params.json) if kind == "json" else '{"type": "object"}'
-                return xgr.Grammar.from_json_schema(schema, any_whitespace=not compact, strict_mode=kind == "json")
+                return xgr.Grammar.from_json_schema(schema, any_whitespace=not compact, strict_mode=kind == "json",
+                                                    max_whitespace_cnt=None if compact else MAX_WHITESPACE)
             if kind == "regex":
                 return xgr.Grammar.from_regex(params.regex)
             if kind == "choice":
