@@ -1,0 +1,139 @@
+"""Structured output cost: decode tokens/s with and without a JSON schema (batch 1 and 16), and TTFT with a
+cold and a cached grammar, all in one run on the bundled SmolLM2-135M-Instruct.
+
+Constrained requests use schemas that cannot end before max_tokens, so both sides decode the same number
+of tokens: "string" (one long free-text string field: the common case) and "structure" (an array of small
+objects: a new mask shape at almost every token). Unconstrained requests ignore EOS. Repeats interleave
+the two sides so machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import uuid
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from common import base_parser, load_average, write_result  # noqa: E402
+
+GEN_LEN = 128
+SCHEMAS = {
+    "string": {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}},
+               "required": ["story"]},
+    "structure": {"type": "object", "properties": {"rows": {"type": "array", "minItems": 200, "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+                                         "ok": {"type": "boolean"}},
+        "required": ["id", "ok"], "additionalProperties": False}}}, "required": ["rows"]},
+}
+TOPICS = ["the sea", "a city at night", "an old library", "a mountain road", "a busy kitchen", "a quiet farm",
+          "a train station", "a desert camp", "a winter market", "a river town", "a space station", "a forest",
+          "a harbour", "a school day", "a football match", "a museum"]
+
+
+def prompts(llm, batch: int, offset: int = 0) -> list[dict]:
+    tok = llm.llm_engine.tokenizer
+    out = []
+    for i in range(batch):
+        ask = f"Write a long story about {TOPICS[(i + offset) % 16]} as a JSON object."
+        text = tok.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
+        out.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+    return out
+
+
+def run_batch(llm, batch: int, schema: dict | None, offset: int = 0) -> tuple[float, float, int]:
+    """(decode tokens/s after every request has its first token, TTFT of the first request, tokens)."""
+    from pagellm import SamplingParams
+    from pagellm.structured_output import StructuredOutputsParams
+
+    engine = llm.llm_engine
+    engine.core.scheduler.reset_prefix_cache()
+    so = StructuredOutputsParams(json=schema) if schema is not None else None
+    params = SamplingParams(temperature=0, max_tokens=GEN_LEN, ignore_eos=so is None, structured_outputs=so)
+    start = time.perf_counter()
+    ids = []
+    for p in prompts(llm, batch, offset):
+        ids.append(f"b{uuid.uuid4().hex[:8]}")
+        engine.add_request(ids[-1], p, params)
+    num_tokens: dict[str, int] = {}
+    first_token_at = decode_from = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            num_tokens[out.request_id] = len(out.outputs[0].token_ids)
+        now = time.perf_counter()
+        if first_token_at is None and num_tokens:
+            first_token_at = now
+        if decode_from is None and len(num_tokens) == batch:
+            decode_from, tokens_at_decode = now, sum(num_tokens.values())
+    end = time.perf_counter()
+    decoded = sum(num_tokens.values()) - tokens_at_decode
+    return decoded / (end - decode_from), first_token_at - start, sum(num_tokens.values())
+
+
+def run_batch_ttft(llm, schema: dict | None, offset: int) -> float:
+    from pagellm import SamplingParams
+    from pagellm.structured_output import StructuredOutputsParams
+
+    engine = llm.llm_engine
+    engine.core.scheduler.reset_prefix_cache()
+    so = StructuredOutputsParams(json=schema) if schema is not None else None
+    params = SamplingParams(temperature=0, max_tokens=1, structured_outputs=so)
+    prompt = prompts(llm, 1, offset)[0]
+    start = time.perf_counter()
+    engine.add_request(f"t{uuid.uuid4().hex[:8]}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def fresh_schema() -> dict:
+    """A schema no cache has seen (a new property name), of the usual size: a record of 5 fields."""
+    name = f"f{uuid.uuid4().hex[:8]}"
+    return {"type": "object", "properties": {
+        name: {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}, "maxItems": 4},
+        "score": {"type": "number", "minimum": 0, "maximum": 1}, "ok": {"type": "boolean"}},
+        "required": [name, "age", "tags", "score", "ok"], "additionalProperties": False}
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from pagellm import LLM
+
+    llm = LLM(dtype=args.dtype, max_num_seqs=16, max_model_len=1024)
+    t0 = time.perf_counter()
+    first_ever = run_batch_ttft(llm, fresh_schema(), 0)  # imports xgrammar, builds the tokenizer info
+    result: dict = {"model": llm.llm_engine.model_name, "gen_len": GEN_LEN, "repeats": args.repeats,
+                    "first_constrained_request_s": first_ever, "load_avg_start": load_average()}
+    run_batch(llm, 2, None)  # warm-up
+    for batch in (1, 16):
+        rates: dict[str, list[float]] = {"none": [], **{k: [] for k in SCHEMAS}}
+        for r in range(args.repeats):
+            rates["none"].append(run_batch(llm, batch, None, r)[0])
+            for name, schema in SCHEMAS.items():
+                rate, _, num = run_batch(llm, batch, schema, r)
+                assert num == batch * GEN_LEN, f"{name}: {num} tokens, expected {batch * GEN_LEN}"
+                rates[name].append(rate)
+        for name, values in rates.items():
+            result[f"b{batch}_{name}_tok_s"] = max(values)
+        for name in SCHEMAS:
+            result[f"b{batch}_{name}_ratio"] = max(rates[name]) / max(rates["none"])
+    plain, cold, cached = [], [], []
+    for r in range(max(5, args.repeats)):
+        plain.append(run_batch_ttft(llm, None, r))
+        cold.append(run_batch_ttft(llm, fresh_schema(), r))
+        schema = SCHEMAS["string"]
+        cached.append(run_batch_ttft(llm, schema, r))
+    result.update(ttft_plain_ms=1e3 * statistics.median(plain), ttft_cold_grammar_ms=1e3 * statistics.median(cold),
+                  ttft_cached_grammar_ms=1e3 * statistics.median(cached))
+    result["cached_grammar_adds_ms"] = result["ttft_cached_grammar_ms"] - result["ttft_plain_ms"]
+    result["cold_grammar_adds_ms"] = result["ttft_cold_grammar_ms"] - result["ttft_plain_ms"]
+    result["load_avg_end"] = load_average()
+    result["total_s"] = time.perf_counter() - t0
+    write_result("structured_output", result, args.out)
+
+
+if __name__ == "__main__":
+    main()
