@@ -15,6 +15,7 @@ import time
 import uuid
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(1, __file__.rsplit("/", 2)[0])  # the repo root: tests.structured_output for a sampler row
 from common import base_parser, load_average, write_result  # noqa: E402
 
 GEN_LEN = 128
@@ -86,6 +87,34 @@ def run_batch_ttft(llm, schema: dict | None, offset: int) -> float:
     return time.perf_counter() - start
 
 
+def mask_cost_ms(llm, batch: int, name: str, prefix: str, iters: int = 50) -> float:
+    """Per-step grammar work of `batch` rows in mid-output state: fill their bitmask rows, then mask the logits."""
+    import torch
+
+    from pagellm.structured_output import StructuredOutputsParams
+    from pagellm.worker.sampler import apply_grammar_bitmask
+    from tests.structured_output.test_bitmask import _row
+
+    engine = llm.llm_engine
+    states = [engine.structured_output.grammar_for(StructuredOutputsParams(json=SCHEMAS[name])) for _ in range(batch)]
+    states[0].future.result()
+    for state in states:
+        assert state.is_ready()
+        for token_id in engine.tokenizer.encode(prefix, add_special_tokens=False):
+            assert state.accept_token(token_id), prefix
+    vocab = engine.core.vocab_size
+    bitmask = torch.full((batch, -(-vocab // 32)), -1, dtype=torch.int32)
+    logits = torch.randn(batch, vocab)
+    rows = [_row(f"r{i}") for i in range(batch)]
+    ids = [r.req_id for r in rows]
+    start = time.perf_counter()
+    for _ in range(iters):
+        for i, state in enumerate(states):
+            state.fill_bitmask(bitmask, i)
+        apply_grammar_bitmask(logits, rows, ids, bitmask)
+    return 1e3 * (time.perf_counter() - start) / iters
+
+
 def fresh_schema() -> dict:
     """A schema no cache has seen (a new property name), of the usual size: a record of 5 fields."""
     name = f"f{uuid.uuid4().hex[:8]}"
@@ -99,7 +128,9 @@ def fresh_schema() -> dict:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-len", type=int, default=GEN_LEN)
     args = parser.parse_args()
+    globals()["GEN_LEN"] = args.gen_len
     from pagellm import LLM
 
     llm = LLM(dtype=args.dtype, max_num_seqs=16, max_model_len=1024)
@@ -112,14 +143,21 @@ def main() -> None:
         rates: dict[str, list[float]] = {"none": [], **{k: [] for k in SCHEMAS}}
         for r in range(args.repeats):
             rates["none"].append(run_batch(llm, batch, None, r)[0])
+            print(f"batch {batch} repeat {r}: none {rates['none'][-1]:.1f} tok/s", file=sys.stderr, flush=True)
             for name, schema in SCHEMAS.items():
                 rate, _, num = run_batch(llm, batch, schema, r)
+                print(f"batch {batch} repeat {r}: {name} {rate:.1f} tok/s", file=sys.stderr, flush=True)
                 assert num == batch * GEN_LEN, f"{name}: {num} tokens, expected {batch * GEN_LEN}"
                 rates[name].append(rate)
         for name, values in rates.items():
             result[f"b{batch}_{name}_tok_s"] = max(values)
         for name in SCHEMAS:
             result[f"b{batch}_{name}_ratio"] = max(rates[name]) / max(rates["none"])
+    prefixes = {"string": '{"story": "Once upon a time', "structure": '{"rows": [{"id": 12, "ok": true}, {"id": '}
+    for batch in (1, 16):
+        for name, prefix in prefixes.items():
+            result[f"b{batch}_{name}_mask_ms_per_step"] = mask_cost_ms(llm, batch, name, prefix)
+        result[f"b{batch}_step_ms"] = 1e3 * batch / result[f"b{batch}_none_tok_s"]
     plain, cold, cached = [], [], []
     for r in range(max(5, args.repeats)):
         plain.append(run_batch_ttft(llm, None, r))
