@@ -203,7 +203,12 @@ class StructuredOutputManager:
                 import xgrammar as xgr
 
                 info = build_tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids)
-                self._compiler_future.set_result(xgr.GrammarCompiler(info, max_threads=_NUM_COMPILE_THREADS))
+                compiler = xgr.GrammarCompiler(info, max_threads=_NUM_COMPILE_THREADS)
+                # NOTE: the CPU masking kernel loads on its first call (seconds): do that here, not in a step
+                import torch
+
+                xgr.apply_token_bitmask_inplace(torch.zeros(1, 32), torch.full((1, 1), -1, dtype=torch.int32))
+                self._compiler_future.set_result(compiler)
             except BaseException as exc:  # noqa: BLE001 - every waiting compile sees it
                 self._compiler_future.set_exception(exc)
         return self._compiler_future.result()

@@ -41,6 +41,25 @@ def test_bitmask_masks_exactly_the_cleared_bits_of_the_constrained_rows() -> Non
     assert apply_grammar_bitmask(logits, rows, [], None) is logits
 
 
+def test_sparse_and_dense_rows_in_one_batch() -> None:
+    vocab = 1000
+    torch.manual_seed(1)
+    logits = torch.randn(3, vocab)
+    rows = [_row(f"r{i}") for i in range(3)]
+    allowed = torch.zeros(3, -(-vocab // 32) * 32, dtype=torch.bool)
+    allowed[0, [5, 6, 999]] = True  # sparse: 3 tokens
+    allowed[1, :] = True
+    allowed[1, [0, 31, 32, 500]] = False  # dense
+    allowed[2, 1000:] = True  # only padding bits: nothing in the vocabulary is allowed
+    import numpy as np
+
+    bitmask = torch.from_numpy(np.packbits(allowed.numpy(), axis=1, bitorder="little").view(np.int32).copy())
+    assert torch.equal(unpack_bitmask(bitmask, vocab), allowed[:, :vocab])
+    got = apply_grammar_bitmask(logits, rows, ["r0", "r1", "r2"], bitmask)
+    expected = logits.masked_fill(~allowed[:, :vocab], -torch.inf)
+    assert torch.equal(got, expected)
+
+
 class _FakeGrammar:
     """The scheduler's view of a GrammarState: it accepts tokens and terminates after `length` of them."""
 
