@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 _NUM_COMPILE_THREADS = 2
 # NOTE: "any whitespace" is capped at this many characters between two JSON tokens: unbounded, a weak
-# model can emit whitespace until max_tokens and never close the object (a cap of 20 still allows
-# newline + indentation 9 levels deep).
-MAX_WHITESPACE = 20
+# model can emit whitespace until max_tokens and never close the object; 8 still allows a newline and
+# 2-space indentation 3 levels deep (deeper lines are indented less, the JSON is the same).
+MAX_WHITESPACE = 8
 _CACHE_SIZE = 512  # compiled grammars kept (a JSON schema's is tens of KB)
 # Whitespace strings that tell a whitespace_pattern allowing whitespace from one allowing none.
 _WHITESPACE_PROBES = (" ", "  ", "\n", "\t", "\r\n")

@@ -16,7 +16,7 @@ class StructuredOutputsParams:
     """Exactly one of json (a JSON schema), regex, choice, grammar (EBNF) or json_object=True.
 
     ``whitespace_pattern`` shapes the whitespace of JSON output: unset allows any whitespace between
-    JSON tokens (at most 20 characters at a time); a pattern that matches only the empty string asks
+    JSON tokens (at most 8 characters at a time); a pattern that matches only the empty string asks
     for compact JSON. Shapes are checked here; whether a schema, regex or grammar compiles is checked by the backend
     (``pagellm.structured_output.manager``), which raises ``InvalidRequest`` naming the field too.
     """
