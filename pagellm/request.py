@@ -65,6 +65,9 @@ class Request:
         self.stop_reason: int | str | None = None
         # Maximum tokens this request may generate; the scheduler clamps it to the context window.
         self.max_tokens = sampling_params.max_tokens
+        # The grammar of a constrained request (pagellm.structured_output.manager.GrammarState), set by the
+        # engine; core only calls is_ready / accept_token / is_terminated on it and never imports xgrammar.
+        self.structured_output = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from pagellm.errors import InvalidRequest
+from pagellm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -45,6 +46,8 @@ class SamplingParams:
     # Internal, vLLM's RequestOutputKind: True means a request reports only its final output (LLM.generate
     # waits for it), which saves building a cumulative RequestOutput at every step.
     final_output_only: bool = False
+    # Constrained decoding (JSON schema, regex, choice, EBNF grammar); a dict of the same fields is accepted.
+    structured_outputs: StructuredOutputsParams | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,7 @@ class SamplingParams:
         else:
             self.stop_list = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self._validate()

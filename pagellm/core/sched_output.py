@@ -41,6 +41,10 @@ class SchedulerOutput:
     # per-request state it keeps for finished ones (e.g. seeded generators).
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
+    # Constrained decoding: the engine fills one int32 bitmask row (bit t of a row set = token t allowed)
+    # per sampled request in grammar_req_ids, in that order; the worker masks those rows' logits.
+    grammar_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: object | None = None  # a torch int32 tensor [len(grammar_req_ids), ceil(vocab / 32)]
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -310,6 +310,8 @@ class Scheduler:
             )
             if token_id is not None:
                 request.append_output_token(token_id)
+                if request.structured_output is not None:
+                    request.structured_output.accept_token(token_id)
                 new_token_ids.append(token_id)
                 if sched.req_id in runner_output.logprobs:
                     new_logprobs.append(runner_output.logprobs[sched.req_id])
@@ -349,6 +351,9 @@ class Scheduler:
         """Stop conditions after one appended token, in order: eos, stop_token_ids, length."""
         params = request.sampling_params
         last_token_id = request.output_token_ids[-1]
+        if request.structured_output is not None and request.structured_output.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (its stop token came)
+            return
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and last_token_id == request.eos_token_id:
                 request.status = RequestStatus.FINISHED_STOPPED

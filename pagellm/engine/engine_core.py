@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 import torch
@@ -11,6 +12,9 @@ from pagellm.core.scheduler import Scheduler
 from pagellm.outputs import EngineCoreOutput
 from pagellm.request import Request, RequestStatus
 from pagellm.worker.model_runner import ModelRunner, kv_bytes_per_block
+
+# While only requests waiting for their grammar remain, a step waits this long for a compile to finish.
+_GRAMMAR_WAIT_S = 0.02
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +53,69 @@ class EngineCore:
                                   compile=compile, max_num_seqs=scheduler_config.max_num_seqs, kv_dtype=kv_dtype,
                                   device=device)
         logger.info("KV cache: %d blocks of %d tokens", cache_config.num_blocks, cache_config.block_size)
+        self.vocab_size = model.config.vocab_size
+        # Constrained requests whose grammar is still compiling: known to the scheduler (counted, abortable)
+        # but kept out of its waiting queue, so they hold no place in line and stall nobody.
+        self._grammar_waiting: list[Request] = []
+        self._bitmask: torch.Tensor | None = None  # int32 [max_num_seqs, ceil(vocab / 32)], reused
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        grammar = request.structured_output
+        if grammar is not None and not grammar.is_ready():
+            self.scheduler.waiting.remove(request)
+            self._grammar_waiting.append(request)
 
     def abort_requests(self, req_ids: list[str]) -> None:
+        self._release_grammar_waiting(set(req_ids))
         self.scheduler.abort_requests(req_ids)
+
+    def _release_grammar_waiting(self, req_ids: set[str]) -> None:
+        """Put back into the scheduler's queue those of req_ids still waiting for a grammar."""
+        keep = []
+        for request in self._grammar_waiting:
+            if request.req_id in req_ids:
+                self.scheduler.waiting.push(request)
+            else:
+                keep.append(request)
+        self._grammar_waiting = keep
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar is ready join the waiting queue; a failed compile aborts its request."""
+        ready = [r for r in self._grammar_waiting if r.structured_output.is_ready()]
+        failed = [r for r in self._grammar_waiting if r.structured_output.has_failed()]
+        if not ready and not failed and not self.scheduler.waiting and not self.scheduler.running:
+            # NOTE: nothing else to run: wait briefly for a compile instead of spinning the engine loop
+            futures = [r.structured_output.future for r in self._grammar_waiting]
+            concurrent.futures.wait(futures, timeout=_GRAMMAR_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
+            ready = [r for r in self._grammar_waiting if r.structured_output.is_ready()]
+            failed = [r for r in self._grammar_waiting if r.structured_output.has_failed()]
+        for request in failed:
+            logger.error("grammar compile failed for %s: %r", request.req_id,
+                         request.structured_output.future.exception())
+        done = {r.req_id for r in ready + failed}
+        self._release_grammar_waiting(done)
+        if failed:
+            self.scheduler.abort_requests([r.req_id for r in failed])
+        return [EngineCoreOutput(req_id=r.req_id, new_token_ids=[], finish_reason="abort") for r in failed]
+
+    def _fill_grammar_bitmask(self, sched_out) -> None:
+        """One bitmask row per constrained request that samples this step, from its matcher's state."""
+        rows = []
+        for sched in sched_out.scheduled:
+            if sched.sample:
+                grammar = self.scheduler.requests[sched.req_id].structured_output
+                if grammar is not None:
+                    rows.append((sched.req_id, grammar))
+        if not rows:
+            return
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            num_rows = max(len(rows), self.scheduler_config.max_num_seqs)
+            self._bitmask = torch.full((num_rows, -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+        for i, (_, grammar) in enumerate(rows):
+            grammar.fill_bitmask(self._bitmask, i)
+        sched_out.grammar_req_ids = [req_id for req_id, _ in rows]
+        sched_out.grammar_bitmask = self._bitmask[: len(rows)]
 
     def finish_requests(self, req_ids: list[str]) -> None:
         """Finish requests that hit a stop string (detected after detokenization)."""
@@ -64,8 +125,11 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        failed = self._admit_compiled() if self._grammar_waiting else []
         sched_out = self.scheduler.schedule()
+        if not sched_out.is_empty:
+            self._fill_grammar_bitmask(sched_out)
         runner_out = self.runner.execute(sched_out)
         if sched_out.is_empty:
-            return []
-        return self.scheduler.update_from_output(sched_out, runner_out)
+            return failed
+        return failed + self.scheduler.update_from_output(sched_out, runner_out)

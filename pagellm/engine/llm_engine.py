@@ -22,6 +22,7 @@ from pagellm.model.loader.resolve import ModelSource, resolve_model
 from pagellm.outputs import RequestOutput
 from pagellm.request import Request
 from pagellm.sampling_params import SamplingParams
+from pagellm.structured_output.manager import StructuredOutputManager
 from pagellm.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class LLMEngine:
         pool_tokens = cache_config.num_blocks * cache_config.block_size
         self.input_processor = InputProcessor(self.tokenizer, max_len, hf_config.vocab_size, pool_tokens)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # NOTE: the grammar library and the tokenizer info load on the first constrained request
+        self.structured_output = StructuredOutputManager(self.tokenizer, hf_config.vocab_size, [self.eos_token_id])
         self._ids = itertools.count()
         self.load_time = time.perf_counter() - t0
         logger.info("loaded %s (%s, %s) in %.1fs", self.source.name, self.dtype, self.device, self.load_time)
@@ -115,6 +118,8 @@ class LLMEngine:
                 self.add_lora(lora_request)  # new, or refused when the id names another adapter
             lora_id = lora_request.lora_int_id
         text, prompt_ids = self.input_processor.process(prompt, params)
+        if params.structured_outputs is not None:
+            self.structured_output.prepare(params.structured_outputs)  # InvalidRequest before anything is queued
         children = (
             {request_id: params} if params.n == 1
             else {f"{request_id}-{i}": params.clone_for_child(i) for i in range(params.n)}
@@ -133,6 +138,8 @@ class LLMEngine:
                                        prompt_logprobs_start=(child_params.prompt_logprobs_start or 1) + num_virtual)
             req = Request(child_id, engine_prompt_ids, child_params, eos_token_id=self.eos_token_id,
                           arrival_time=arrival_time, priority=priority, lora_id=lora_id, cache_salt=cache_salt)
+            if child_params.structured_outputs is not None:
+                req.structured_output = self.structured_output.grammar_for(child_params.structured_outputs)
             room = self.max_model_len - len(engine_prompt_ids)
             req.max_tokens = room if child_params.max_tokens is None else min(child_params.max_tokens, room)
             self.core.add_request(req)

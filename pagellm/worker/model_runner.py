@@ -134,7 +134,8 @@ class ModelRunner:
             rows = logits[plp.row_start : plp.row_start + len(plp.target_ids)]
             out.prompt_logprobs[plp.req_id] = compute_prompt_logprobs(rows, plp.target_ids, plp.k)
         if inputs.sample_rows:
-            sampled = self.sampler.sample(logits[inputs.num_prompt_logprob_rows :], inputs.sample_rows)
+            sampled = self.sampler.sample(logits[inputs.num_prompt_logprob_rows :], inputs.sample_rows,
+                                          so.grammar_req_ids, so.grammar_bitmask)
             for req, token_id, lp in zip(inputs.sample_rows, sampled.token_ids, sampled.logprobs):
                 out.sampled_token_ids[req.req_id] = token_id
                 if lp is not None:

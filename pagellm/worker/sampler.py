@@ -46,7 +46,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: list[ScheduledRequest], grammar_req_ids: Sequence[str] = (),
+               grammar_bitmask: torch.Tensor | None = None) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (
             f"logits {tuple(logits.shape)} do not match {len(rows)} rows"
         )
@@ -57,7 +58,10 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         # NOTE: a padded lm_head may have more columns than the tokenizer has tokens.
         raw = logits[:, : self.vocab_size].float()  # [num_rows, vocab]
-        processed = process_logits(raw, rows)
+        # NOTE: the grammar mask comes first (penalties and sampling see only allowed tokens); logprobs
+        # still come from the raw logits, as without a grammar.
+        masked = apply_grammar_bitmask(raw, rows, grammar_req_ids, grammar_bitmask)
+        processed = process_logits(masked, rows)
 
         params = [r.sampling_params for r in rows]
         is_greedy = [p.is_greedy or p.top_k == 1 for p in params]
@@ -129,6 +133,80 @@ class Sampler:
             generator.manual_seed(row.sampling_params.seed)
             self._generators[row.req_id] = generator
         return generator
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, rows: Sequence[ScheduledRequest], grammar_req_ids: Sequence[str],
+                          bitmask: torch.Tensor | None) -> torch.Tensor:
+    """A copy of ``logits`` with the tokens each constrained row's grammar forbids at -inf (``logits`` if none).
+
+    ``bitmask`` is int32 [len(grammar_req_ids), ceil(vocab / 32)]: bit t % 32 of word t // 32 set = token t
+    allowed (xgrammar's layout). Rows are matched by req_id.
+    """
+    if bitmask is None or not grammar_req_ids:
+        return logits
+    index_of = {row.req_id: i for i, row in enumerate(rows)}
+    pairs = [(index_of[req_id], j) for j, req_id in enumerate(grammar_req_ids) if req_id in index_of]
+    if not pairs:
+        return logits
+    words = bitmask[[j for _, j in pairs]].to(logits.device)  # [n, num_words]
+    logits = logits.clone()
+    if [i for i, _ in pairs] == list(range(logits.shape[0])):  # every row, in order: no gather/scatter
+        _mask_inplace(logits, words)
+    else:
+        row_idx = torch.tensor([i for i, _ in pairs], device=logits.device)
+        sub = logits[row_idx]
+        _mask_inplace(sub, words)
+        logits[row_idx] = sub
+    return logits
+
+
+def _mask_inplace(logits: torch.Tensor, words: torch.Tensor) -> None:
+    """Set the disallowed tokens of each row to -inf (rows and bitmask rows in the same order)."""
+    # NOTE: a row that allows few tokens (mid-number, after a key: JSON structure) is rebuilt from its
+    # allowed ids, work in its nonzero words (measured ~10x faster than a whole-row mask for 16 rows);
+    # a dense row (inside a string) is masked whole.
+    sparse = (words != 0).sum(dim=1) * 4 < words.shape[1]
+    if bool(sparse.all()):
+        logits.copy_(_keep_allowed(logits, words))
+    elif bool(sparse.any()):
+        index, dense = sparse.nonzero()[:, 0], (~sparse).nonzero()[:, 0]
+        logits[index] = _keep_allowed(logits[index], words[index])
+        part = logits[dense]
+        _mask_dense(part, words[dense])
+        logits[dense] = part
+    else:
+        _mask_dense(logits, words)
+
+
+def _keep_allowed(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-inf except at the tokens whose bit is set."""
+    rows, cols = (words != 0).nonzero(as_tuple=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    which, bit = (((words[rows, cols][:, None] >> shifts) & 1) != 0).nonzero(as_tuple=True)
+    token_ids = cols[which] * 32 + bit
+    rows = rows[which]
+    inside = token_ids < logits.shape[1]
+    rows, token_ids = rows[inside], token_ids[inside]
+    out = torch.full_like(logits, -torch.inf)
+    out[rows, token_ids] = logits[rows, token_ids]
+    return out
+
+
+def _mask_dense(logits: torch.Tensor, words: torch.Tensor) -> None:
+    if logits.device.type == "cpu":
+        # xgrammar's C++ kernel, fast on dense rows; xgrammar is already loaded in this process, since the
+        # engine filled the bitmask with it
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits, words, vocab_size=logits.shape[1])
+    else:
+        logits.masked_fill_(~unpack_bitmask(words, logits.shape[1]), -torch.inf)
+
+
+def unpack_bitmask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [n, vocab_size] of an int32 bitmask [n, ceil(vocab_size / 32)]: one vectorized shift-and-and."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    return ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1)[:, :vocab_size].bool()
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[ScheduledRequest]) -> torch.Tensor:

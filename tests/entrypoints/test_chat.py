@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -112,10 +113,16 @@ def test_response_format(client: openai.OpenAI, model: str) -> None:
     ok = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2,
                                         response_format={"type": "text"})
     assert ok.choices[0].message.content is not None
+    cut = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2,
+                                         response_format={"type": "json_object"})
+    text = cut.choices[0].message.content
+    assert text.startswith("{")
+    if cut.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2,
-                                       response_format={"type": "json_object"})
-    assert err.value.body["param"] == "response_format" and "json_object" in err.value.body["message"]
+                                       response_format={"type": "xml"})
+    assert err.value.body["param"] == "response_format.type"
 
 
 def test_async_chat_stream(tiny_server: RunningServer, model: str) -> None:

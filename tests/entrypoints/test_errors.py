@@ -79,7 +79,7 @@ def test_invalid_chat_requests_are_400(client: openai.OpenAI, model: str) -> Non
     cases = [
         dict(messages=[]),
         dict(messages=user, top_logprobs=2),
-        dict(messages=user, tools=[{"type": "function", "function": {"name": "f"}}]),
+        dict(messages=user, tools=[{"type": "function"}]),
         dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
         dict(messages=user, response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
         dict(messages=user, logprobs=True, top_logprobs=99),

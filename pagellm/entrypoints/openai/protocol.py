@@ -82,6 +82,14 @@ class SamplingFields(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # vLLM's constrained decoding: {json | regex | choice | grammar | json_object, whitespace_pattern}
+    structured_outputs: dict[str, Any] | None = None
+    # vLLM's older spellings of the same
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 # ---- /v1/completions ---------------------------------------------------------------------
@@ -139,9 +147,42 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """OpenAI's response_format.json_schema; `schema` is the JSON schema itself."""
+
+    name: str
+    description: str | None = None
+    # NOTE: aliased: `schema` shadows a BaseModel attribute
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
-    type: str
-    json_schema: dict[str, Any] | None = None
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -151,9 +192,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    # Declared so they can be rejected by name until tool calling lands.
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = None  # none | auto | required | {"type": "function", "function": {"name": ...}}
+    # Declared so they can be rejected by name (the legacy function-calling fields).
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
@@ -180,6 +221,7 @@ class ChatLogProbs(_Response):
 class ChatResponseMessage(_Response):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -202,6 +244,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_Response):

@@ -24,6 +24,7 @@ from pagellm.entrypoints.openai.serving_engine import (
     new_request_id,
     now_s,
 )
+from pagellm.entrypoints.openai.structured_outputs import structured_outputs_of
 from pagellm.errors import InvalidRequest
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -43,6 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        params = await self.constrain(params, *structured_outputs_of(req))
         prompts = self._prompts(req)
         for prompt in prompts:
             self.check_fits(prompt, params)

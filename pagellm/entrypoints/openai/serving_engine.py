@@ -13,10 +13,12 @@ from pagellm.engine.async_llm import AsyncLLM, RequestStream
 from pagellm.entrypoints.openai.errors import APIError
 from pagellm.entrypoints.openai.protocol import ChatMessage, SamplingFields
 from pagellm.entrypoints.openai.serving_lora import LoRAModels
+from pagellm.entrypoints.openai.structured_outputs import check_structured_outputs
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
+from pagellm.structured_output import StructuredOutputsParams
 
 # The lowest logprob written to JSON: -inf (a masked token) is not valid JSON (vLLM's choice).
 MIN_LOGPROB = -9999.0
@@ -219,6 +221,14 @@ class OpenAIServing(ServingBase):
         if len(prompt.token_ids) + max_tokens > self.context_limit:
             return params
         return replace(params, max_tokens=max_tokens)
+
+    async def constrain(self, params: SamplingParams, structured_outputs: StructuredOutputsParams | None,
+                        field: str | None) -> SamplingParams:
+        """params with the request's output constraint, validated (400 naming `field`) and compiling."""
+        if structured_outputs is None:
+            return params
+        await check_structured_outputs(self.engine.engine.structured_output, structured_outputs, field or "")
+        return replace(params, structured_outputs=structured_outputs)
 
     # ---- running --------------------------------------------------------------------------
 
