@@ -1,4 +1,4 @@
-"""The `pagellm` command: generate, chat, serve, finetune, evaluate."""
+"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor."""
 
 from __future__ import annotations
 
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.entrypoints.bench import add_bench_parser
 
     add_bench_parser(sub, add_engine_args)
+    from pagellm.apps.monitor.cli import add_monitor_parser
+
+    add_monitor_parser(sub)
     return parser
 
 
