@@ -56,6 +56,10 @@ def pool_padded(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling_type
 class PooledBertForSequenceClassification(BertForSequenceClassification):
     """transformers' BertForSequenceClassification with the head on `config.classifier_pooling`."""
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.bert.pooler = None  # NOTE: unused here, so it neither trains nor counts nor is saved
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> SequenceClassifierOutput:
