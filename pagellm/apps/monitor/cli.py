@@ -39,7 +39,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="embedding similarity to the topic descriptions, or zero-shot by the decoder")
     p.add_argument("--embed-model", default=None, help="encoder for topic embeddings (default: bundled MiniLM); "
                                                        "with zero-shot, the decoder (default: bundled SmolLM2)")
-    p.add_argument("--db", default="monitor.sqlite", help="SQLite file: results, offsets, detector state, alerts")
+    p.add_argument("--db", default="monitor.sqlite",
+                   help="SQLite file (or a postgresql:// URI): results, offsets, detector state, alerts")
     p.add_argument("--alerts", default=None, help="append alerts to this JSONL file")
     p.add_argument("--webhook", default=None, help="POST each alert here (retried with back-off)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -54,13 +55,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_service(args: argparse.Namespace) -> Any:
     from pagellm.apps.monitor.service import EngineClassifier, MonitorService, parse_topics
-    from pagellm.apps.monitor.store import SQLiteStore
+    from pagellm.apps.monitor.store import open_store
 
     config = DetectorConfig(args.window, args.baseline_window, args.min_baseline, args.shift, args.threshold,
                             args.cooldown)
     config.check()
     classifier = EngineClassifier(args.sentiment, parse_topics(args.topics), args.topic_method, args.embed_model)
-    return MonitorService(classifier, SQLiteStore(args.db), config, args.alerts, args.webhook, args.batch_size)
+    return MonitorService(classifier, open_store(args.db), config, args.alerts, args.webhook, args.batch_size)
 
 
 def cmd_monitor_run(args: argparse.Namespace) -> int:

@@ -161,3 +161,12 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def open_store(db: str) -> MonitorStore:
+    """A postgresql:// URI opens PostgresStore (psycopg), anything else is a SQLite file path."""
+    if db.startswith(("postgresql://", "postgres://")):
+        from pagellm.apps.monitor.store_postgres import PostgresStore
+
+        return PostgresStore(db)
+    return SQLiteStore(db)
