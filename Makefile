@@ -23,6 +23,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9
 	$(BIN)/pip install -q "apache-tvm-ffi>=0.1.11"
 	$(BIN)/pip install -q -e '.[test]'
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium) || \
+		echo "no chromium: the dashboard browser tests skip"   # Playwright drives Debian's chromium
 	$(BIN)/python -m pagellm.model.layers.kernels   # build the C++ kernels once (about 1-2 min)
 	touch $(STAMP)
 

@@ -31,9 +31,8 @@ finetune() {  # NAME FLAGS...
 }
 
 run_zeroshot() { evaluate zeroshot --model smollm2; }
-run_minilm_head() {
-  finetune minilm_head --model minilm --strategy head --epochs 4 --lr 2e-3 --batch-size 32 --max-length 128 \
-      --early-stopping 2
+run_minilm_head() {  # the defaults: mean pooling, features once, lr 1e-3, 10 epochs, batch 32
+  finetune minilm_head --model minilm --strategy head
   evaluate minilm_head --model "$OUT/minilm_head"
 }
 run_minilm_full() {

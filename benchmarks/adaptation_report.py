@@ -11,7 +11,7 @@ from pathlib import Path
 
 RUNS = [
     ("zeroshot", "SmolLM2-135M-Instruct, zero-shot (label log-likelihood)"),
-    ("minilm_head", "all-MiniLM-L6-v2, head only (frozen encoder)"),
+    ("minilm_head", "all-MiniLM-L6-v2, head only (frozen encoder, mean pooling, defaults)"),
     ("minilm_full", "all-MiniLM-L6-v2, full fine-tuning"),
     ("smollm2_lora", "SmolLM2-135M-Instruct, LoRA r=8 (label word)"),
     ("smollm2_prefix", "SmolLM2-135M-Instruct, prefix tuning, 20 virtual tokens (label word)"),

@@ -90,6 +90,8 @@ def load_config(base: BaseModel, labels: list[str] | None, dropout: float | None
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={label: i for i, label in enumerate(labels)})
     config = AutoConfig.from_pretrained(folder, local_files_only=True, **kwargs)
+    if labels is not None and not base.is_decoder:
+        set_classifier_pooling(config, base)
     if dropout is not None:
         if not 0.0 <= dropout < 1.0:
             raise InvalidRequest(f"dropout must be in [0, 1); got {dropout}", param="dropout")
@@ -97,6 +99,21 @@ def load_config(base: BaseModel, labels: list[str] | None, dropout: float | None
             if hasattr(config, name):
                 setattr(config, name, dropout)
     return config
+
+
+def set_classifier_pooling(config: Any, base: BaseModel) -> None:
+    """Put the new head on the pooling the encoder was trained with (see pagellm.adapt.pooled_classifier).
+
+    A folder that already holds a transformers classifier (a head trained on BERT's pooler) keeps that head's
+    input; one that pagellm trained keeps its recorded pooling.
+    """
+    from pagellm.adapt.pooled_classifier import POOLED_MODEL_TYPES, POOLING_FIELD, encoder_pooling_type
+
+    if getattr(config, "model_type", None) not in POOLED_MODEL_TYPES or getattr(config, POOLING_FIELD, None):
+        return
+    if any(str(arch).endswith("ForSequenceClassification") for arch in getattr(config, "architectures", None) or []):
+        return
+    setattr(config, POOLING_FIELD, encoder_pooling_type(base.source.path))
 
 
 def load_training_tokenizer(base: BaseModel) -> Any:
@@ -127,8 +144,12 @@ def load_model(base: BaseModel, config: Any, task: str) -> LoadedModel:
         new_names: set[str] = set()
     else:
         assert task == "classify", "encoders only classify; finetune checks this before loading"
+        from pagellm.adapt.pooled_classifier import PooledBertForSequenceClassification, uses_pooled_head
+
+        model_cls = PooledBertForSequenceClassification if uses_pooled_head(config) else \
+            AutoModelForSequenceClassification
         # NOTE: a folder that already has a head for another label set gets a new head (ignore_mismatched_sizes)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model, info = model_cls.from_pretrained(
             folder, config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True,
             ignore_mismatched_sizes=True, **kwargs)
         new_names = set(info.get("missing_keys", ())) | {k if isinstance(k, str) else k[0]

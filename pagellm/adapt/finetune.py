@@ -6,6 +6,7 @@ Use it from Python as `run_finetune(FinetuneArgs(model=..., data=..., out=...))`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -23,7 +24,14 @@ from pagellm.adapt.base_model import (
 )
 from pagellm.adapt.data import ClassifyData, GenerateData, load_classify_data, load_generate_data
 from pagellm.adapt.metrics import METRICS
-from pagellm.adapt.strategy import PeftSettings, Strategy, check_strategy, parse_strategy
+from pagellm.adapt.strategy import (
+    PeftSettings,
+    Strategy,
+    check_strategy,
+    default_batch_size,
+    default_schedule,
+    parse_strategy,
+)
 from pagellm.errors import InvalidRequest
 
 logger = logging.getLogger("pagellm.adapt")
@@ -41,8 +49,8 @@ class FinetuneArgs:
     task: str = "classify"  # classify | generate
     eval_data: str | None = None  # dev file: per-evaluation report, early stopping, best checkpoint
     strategy: str = "lora"  # head | top-layers:K | full | lora | adalora | prefix
-    epochs: float = 3.0
-    lr: float = 2e-5
+    epochs: float | None = None  # None: the strategy's default (strategy.default_schedule)
+    lr: float | None = None  # None: the strategy's default
     warmup: float = 0.1  # warmup ratio of the linear schedule
     weight_decay: float = 0.01
     dropout: float | None = 0.1  # the config's dropout fields and lora_dropout; None keeps the model's
@@ -52,7 +60,7 @@ class FinetuneArgs:
     seed: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # None: the strategy's default (encoder head 32, else 8)
     grad_accum: int = 1
     max_length: int = 256
     labels: list[str] | None = None  # class order; default: the sorted train labels
@@ -93,10 +101,16 @@ class PreparedRun:
     base: BaseModel
     strategy: Strategy
     data: ClassifyData | GenerateData
+    args: FinetuneArgs  # with lr and epochs filled from the strategy's defaults
 
     @property
     def labels(self) -> list[str] | None:
         return self.data.labels if isinstance(self.data, ClassifyData) else None
+
+    @property
+    def is_frozen_encoder_head(self) -> bool:
+        """An encoder's `head`: the encoder never changes, so its features are computed once."""
+        return self.strategy.name == "head" and not self.base.is_decoder
 
 
 def check_args(args: FinetuneArgs) -> None:
@@ -117,7 +131,7 @@ def check_args(args: FinetuneArgs) -> None:
     if args.lr == 0:
         positive.pop("lr")  # NOTE: lr 0 is a valid (if useless) run; tests use it to check early stopping
     for name, value in positive.items():
-        if not value > 0:
+        if value is not None and not value > 0:  # None: the strategy's default
             raise InvalidRequest(f"{name} must be > 0; got {value}", param=name)
     if not 0.0 <= args.warmup < 1.0:
         raise InvalidRequest(f"warmup is a ratio of the steps, in [0, 1); got {args.warmup}", param="warmup")
@@ -139,7 +153,7 @@ def check_args(args: FinetuneArgs) -> None:
 
 
 def prepare(args: FinetuneArgs) -> PreparedRun:
-    """Check the settings, resolve the model and read the data; loads no weights."""
+    """Check the settings, fill in the strategy's lr and epochs, resolve the model, read the data; no weights."""
     check_args(args)
     strategy = parse_strategy(args.strategy)
     base = resolve_base_model(args.model)
@@ -151,7 +165,11 @@ def prepare(args: FinetuneArgs) -> PreparedRun:
             args.data, args.eval_data, args.labels, args.max_train_samples, args.max_eval_samples, args.seed)
     else:
         data = load_generate_data(args.data, args.eval_data, args.max_train_samples, args.max_eval_samples, args.seed)
-    return PreparedRun(base, strategy, data)
+    lr, epochs = default_schedule(strategy, base.is_decoder)
+    args = dataclasses.replace(args, lr=lr if args.lr is None else args.lr,
+                               epochs=epochs if args.epochs is None else args.epochs,
+                               batch_size=args.batch_size or default_batch_size(strategy, base.is_decoder))
+    return PreparedRun(base, strategy, data, args)
 
 
 def num_optimizer_steps(num_examples: int, args: FinetuneArgs) -> int:
@@ -167,13 +185,17 @@ def run_finetune(args: FinetuneArgs) -> FinetuneResult:
 
     from pagellm.adapt.outputs import save_outputs, write_train_report
     from pagellm.adapt.strategy import apply_strategy, count_parameters
-    from pagellm.adapt.trainer import build_trainer, task_features
 
     t0 = time.perf_counter()
     run = prepare(args)
+    args = run.args
     if args.overwrite:
         shutil.rmtree(args.out, ignore_errors=True)
     tokenizer = load_training_tokenizer(run.base)
+    if run.is_frozen_encoder_head:
+        return _run_frozen_head(run, tokenizer, t0)
+    from pagellm.adapt.trainer import build_trainer, task_features
+
     task = task_features(tokenizer, run, args)  # NOTE: before the weights: a too-small max_length fails fast
     config = load_config(run.base, run.labels, args.dropout)
     check_strategy(run.strategy, run.base.is_decoder, getattr(config, "num_hidden_layers", None))
@@ -199,5 +221,33 @@ def run_finetune(args: FinetuneArgs) -> FinetuneResult:
         global_steps=int(state.global_step), early_stopped=state.global_step < state.max_steps,
         history=built.dev_report.history, best_metric=state.best_metric, wall_s=time.perf_counter() - t0,
         merged_dir=merged_dir, model=model)
+    write_train_report(result, run, args)
+    return result
+
+
+def _run_frozen_head(run: PreparedRun, tokenizer: Any, t0: float) -> FinetuneResult:
+    """Encoder `head`: features once through the engine, a linear head on them, saved into the HF folder."""
+    from transformers import set_seed
+
+    from pagellm.adapt.frozen_head import install_head, train_frozen_head
+    from pagellm.adapt.outputs import save_outputs, write_train_report
+    from pagellm.adapt.strategy import apply_strategy, count_parameters
+
+    args = run.args
+    assert isinstance(run.data, ClassifyData), "encoders only classify; prepare checks this"
+    config = load_config(run.base, run.labels, args.dropout)
+    fit = train_frozen_head(str(run.base.source.path), config.classifier_pooling, run.data, args)
+    set_seed(args.seed)
+    loaded = load_model(run.base, config, args.task)
+    model = apply_strategy(loaded.model, run.strategy, False, loaded.new_param_names, PeftSettings())
+    install_head(model, fit)
+    num_trainable, num_total = count_parameters(model)
+    out_dir = Path(args.out)
+    save_outputs(model, tokenizer, run, args, out_dir)
+    result = FinetuneResult(
+        out_dir=out_dir, strategy=str(run.strategy), model_kind=run.base.kind, labels=run.labels,
+        num_trainable_params=num_trainable, num_total_params=num_total, epochs_run=fit.epochs_run,
+        global_steps=fit.global_steps, early_stopped=fit.global_steps < fit.max_steps, history=fit.history,
+        best_metric=fit.best_metric, wall_s=time.perf_counter() - t0, model=model)
     write_train_report(result, run, args)
     return result

@@ -40,8 +40,11 @@ def needs_merged_copy(run: PreparedRun) -> bool:
 def save_outputs(model: Any, tokenizer: Any, run: PreparedRun, args: FinetuneArgs, out_dir: Path) -> Path | None:
     """Save the trained model (or adapter) and its tokenizer; returns the merged folder when one is written."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    from pagellm.adapt.pooled_classifier import fix_saved_architecture
+
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    fix_saved_architecture(out_dir)
     metadata = task_metadata(run, args)
     _write_json(out_dir / TASK_FILE, metadata)
     if not needs_merged_copy(run):
@@ -51,6 +54,7 @@ def save_outputs(model: Any, tokenizer: Any, run: PreparedRun, args: FinetuneArg
     merged = copy.deepcopy(model).merge_and_unload()
     merged.save_pretrained(str(merged_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(merged_dir))
+    fix_saved_architecture(merged_dir)
     _write_json(merged_dir / TASK_FILE, {**metadata, "strategy": f"{metadata['strategy']} (merged)"})
     return merged_dir
 

@@ -47,6 +47,30 @@ class PeftSettings:
     total_steps: int = 0  # AdaLoRA's rank-allocation schedule needs the number of optimizer steps
 
 
+# (learning rate, epochs) when the user sets none. A new head alone on frozen features needs a far larger step
+# than full fine-tuning's 2e-5 (which left it at chance after an epoch); adapters sit in between.
+FROZEN_HEAD_SCHEDULE = (1e-3, 10.0)  # encoder `head`: AdamW on cached, standardized features (frozen_head.py)
+FROZEN_HEAD_BATCH_SIZE = 32  # its default batch (the others: 8)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_SCHEDULES: dict[str, tuple[float, float]] = {
+    "head": (2e-5, 3.0),  # a decoder's LM head (the tied embedding): a pre-trained matrix, moved gently
+    "top-layers": (2e-5, 3.0), "full": (2e-5, 3.0),
+    "lora": (3e-4, 3.0), "adalora": (3e-4, 3.0),
+    "prefix": (1e-2, 3.0),
+}
+
+
+def default_batch_size(strategy: Strategy, is_decoder: bool) -> int:
+    return FROZEN_HEAD_BATCH_SIZE if strategy.name == "head" and not is_decoder else DEFAULT_BATCH_SIZE
+
+
+def default_schedule(strategy: Strategy, is_decoder: bool) -> tuple[float, float]:
+    """(lr, epochs) defaults of a strategy on an encoder or a decoder."""
+    if strategy.name == "head" and not is_decoder:
+        return FROZEN_HEAD_SCHEDULE
+    return DEFAULT_SCHEDULES[strategy.name]
+
+
 def parse_strategy(text: str) -> Strategy:
     """`head`, `top-layers:K` (K >= 1), `full`, `lora`, `adalora` or `prefix`; else InvalidRequest."""
     text = text.strip().lower()

@@ -1,4 +1,4 @@
-"""The `pagellm` command: generate, chat, serve, finetune, evaluate."""
+"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor."""
 
 from __future__ import annotations
 
@@ -141,8 +141,9 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (HF model or PEFT adapter, train_report.json)")
     p.add_argument("--strategy", default=d.strategy, help="head | top-layers:K | full | lora | adalora | prefix")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=d.epochs)
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (linear schedule)")
+    g.add_argument("--epochs", type=float, default=None, help="default: per strategy (encoder head 10, else 3)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (linear schedule); default: per "
+                   "strategy (encoder head 1e-3, head/top-layers/full 2e-5, lora/adalora 3e-4, prefix 1e-2)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warmup ratio of the steps")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--dropout", type=float, default=d.dropout, help="model dropout fields and lora_dropout")
@@ -153,7 +154,7 @@ def add_finetune_parser(sub) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-train-samples", type=int, default=None)
     g.add_argument("--max-eval-samples", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--batch-size", type=int, default=None, help="default: encoder head 32, else 8")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     g.add_argument("--max-length", type=int, default=d.max_length, help="max tokens per training row")
     g.add_argument("--logging-steps", type=int, default=d.logging_steps)
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.entrypoints.bench import add_bench_parser
 
     add_bench_parser(sub, add_engine_args)
+    from pagellm.apps.monitor.cli import add_monitor_parser
+
+    add_monitor_parser(sub)
     return parser
 
 

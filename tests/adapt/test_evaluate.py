@@ -30,9 +30,11 @@ def encoder_head_dir(tmp_path_factory, tiny_bert_dir, make_args) -> Path:
 
 
 def _hf_labels(folder: Path, texts: list[str]) -> list[str]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    from pagellm.adapt.pooled_classifier import load_classifier
+
+    model = load_classifier(folder).eval()
     batch = AutoTokenizer.from_pretrained(str(folder))(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         ids = model(**batch).logits.argmax(-1).tolist()

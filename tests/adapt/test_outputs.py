@@ -38,9 +38,9 @@ def encoder_lora_run(tmp_path_factory, tiny_bert_dir, make_args, sentiment_dir):
 
 def test_encoder_lora_adapter_and_merged_folder_load_everywhere(encoder_lora_run, tiny_bert_dir):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     from pagellm import LLM
+    from pagellm.adapt.pooled_classifier import load_classifier
 
     out = encoder_lora_run.out_dir
     adapter_config = json.loads((out / "adapter_config.json").read_text())
@@ -49,13 +49,13 @@ def test_encoder_lora_adapter_and_merged_folder_load_everywhere(encoder_lora_run
     assert (out / "adapter_model.safetensors").is_file()
     trained = _encoder_logits(encoder_lora_run.model, out, TEXTS)
 
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    base = load_classifier(tiny_bert_dir, num_labels=2, classifier_pooling="cls")
     reloaded = _encoder_logits(PeftModel.from_pretrained(base, str(out)), out, TEXTS)
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-5)
 
     merged_dir = encoder_lora_run.merged_dir
     assert merged_dir == out / "merged"
-    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir))
+    merged = load_classifier(str(merged_dir))
     assert merged.config.id2label == dict(enumerate(LABELS)) and merged.config.hidden_dropout_prob == 0.2
     torch.testing.assert_close(_encoder_logits(merged, merged_dir, TEXTS), trained, atol=1e-5, rtol=1e-5)
 
@@ -104,7 +104,7 @@ def test_eval_steps_evaluates_every_n_steps(tmp_path, tiny_bert_dir, make_args, 
 
 
 def test_best_dev_checkpoint_is_the_saved_model(tmp_path, tiny_bert_dir, make_args, sentiment_dir):
-    from transformers import AutoModelForSequenceClassification
+    from pagellm.adapt.pooled_classifier import load_classifier
 
     # a learning rate this high makes the dev score jump around, so the last epoch is not the best one
     args = make_args(tiny_bert_dir, tmp_path / "o", strategy="full", epochs=4.0, lr=5e-2, metric="macro_f1",
@@ -115,7 +115,7 @@ def test_best_dev_checkpoint_is_the_saved_model(tmp_path, tiny_bert_dir, make_ar
     assert scores[-1] < max(scores), f"the last epoch is the best ({scores}); the check below would prove nothing"
     dev = load_classify_data(args.data, args.eval_data, None, args.max_train_samples, args.max_eval_samples,
                              args.seed).eval
-    saved = AutoModelForSequenceClassification.from_pretrained(str(result.out_dir))
+    saved = load_classifier(str(result.out_dir))
     predicted = _encoder_logits(saved, result.out_dir, [ex.text for ex in dev]).argmax(-1).tolist()
     recomputed = classification_metrics([LABELS.index(ex.label) for ex in dev], predicted, 2)["macro_f1"]
     assert recomputed == pytest.approx(result.best_metric, abs=1e-9)
@@ -142,16 +142,17 @@ def test_adalora_with_a_dev_set_keeps_the_best_adapter(tmp_path, tiny_bert_dir, 
     """Regression: the Trainer cannot reload an AdaLoRA checkpoint saved before a later rank pruning (size
     mismatch), so the best adapter is kept in memory; the saved adapter must reload to the same model."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+
+    from pagellm.adapt.pooled_classifier import load_classifier
 
     result = run_finetune(make_args(tiny_bert_dir, tmp_path / "ada", strategy="adalora", epochs=3.0, lr=5e-2,
                                     max_length=32, eval_data=_dev(sentiment_dir), max_eval_samples=16))
     assert len(result.history) == 3 and result.best_metric == max(h["accuracy"] for h in result.history)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    base = load_classifier(tiny_bert_dir, num_labels=2, classifier_pooling="cls")
     reloaded = PeftModel.from_pretrained(base, str(result.out_dir))
     torch.testing.assert_close(_encoder_logits(reloaded, result.out_dir, TEXTS),
                                _encoder_logits(result.model, result.out_dir, TEXTS), atol=1e-5, rtol=1e-5)
-    merged = AutoModelForSequenceClassification.from_pretrained(str(result.merged_dir))
+    merged = load_classifier(str(result.merged_dir))
     torch.testing.assert_close(_encoder_logits(merged, result.merged_dir, TEXTS),
                                _encoder_logits(result.model, result.out_dir, TEXTS), atol=1e-5, rtol=1e-5)
 

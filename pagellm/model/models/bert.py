@@ -14,6 +14,8 @@ from torch import nn
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.encoder_attention import packed_attention
+from pagellm.model.pooling import pool
+from pagellm.pooling_params import POOLING_TYPES
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact (erf)
@@ -164,13 +166,19 @@ class BertModel(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """BertModel + pooler (dense + tanh on the first token) + linear classifier."""
+    """BertModel + linear classifier on a pooled vector: BERT's pooler (dense + tanh on the first token),
+    or, when config.json sets `classifier_pooling` (pagellm finetune does, see pagellm.adapt.pooled_classifier),
+    that pooling of the final hidden states (mean / cls / last), as the encoder was trained."""
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.bert = BertModel(config)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier_pooling: str | None = getattr(config, "classifier_pooling", None)
+        if self.classifier_pooling is not None and self.classifier_pooling not in POOLING_TYPES:
+            raise InvalidRequest(f"classifier_pooling {self.classifier_pooling!r} is not one of "
+                                 f"{', '.join(POOLING_TYPES)}", param="model")
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if self.classifier_pooling is None else None
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int],
@@ -179,6 +187,10 @@ class BertForSequenceClassification(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         """hidden: [num_tokens, hidden] -> float32 logits [num_seqs, num_labels]."""
+        if self.pooler is None:
+            assert self.classifier_pooling is not None
+            pooled = pool(hidden, seq_lens, self.classifier_pooling).to(hidden.dtype)  # [num_seqs, hidden]
+            return self.classifier(pooled).float()
         lens = torch.tensor(seq_lens, device=hidden.device)
         first = hidden[lens.cumsum(0) - lens]  # [num_seqs, hidden], the [CLS] rows
         return self.classifier(torch.tanh(self.pooler(first))).float()
@@ -186,7 +198,7 @@ class BertForSequenceClassification(nn.Module):
     def map_weight_name(self, hf_name: str) -> tuple[str, int | None] | None:
         module, _, param = hf_name.rpartition(".")
         if module == "bert.pooler.dense":
-            return f"pooler.{param}", None
+            return None if self.pooler is None else (f"pooler.{param}", None)  # unused under classifier_pooling
         if module == "classifier":
             return f"classifier.{param}", None
         mapped = self.bert.map_weight_name(hf_name)
