@@ -198,10 +198,14 @@ class Scheduler:
             # NOTE: advanced only now, after every preemption decision of this step, so that
             # num_computed_tokens never counts tokens a preempted victim did not compute.
             request.num_computed_tokens = start + num_tokens
-        finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         return SchedulerOutput(
-            scheduled=scheduled, finished_req_ids=finished_req_ids, preempted_req_ids=preempted_req_ids
+            scheduled=scheduled, finished_req_ids=self.take_finished_req_ids(), preempted_req_ids=preempted_req_ids
         )
+
+    def take_finished_req_ids(self) -> list[str]:
+        """The requests finished since the last call (or schedule()), whose worker-side state can go."""
+        finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
+        return finished_req_ids
 
     def _prefill_cap(self) -> int:
         """Prompt tokens this step may take: bounded while a running request is decoding."""

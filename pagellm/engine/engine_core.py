@@ -69,6 +69,16 @@ class EngineCore:
     def abort_requests(self, req_ids: list[str]) -> None:
         self._release_grammar_waiting(set(req_ids))
         self.scheduler.abort_requests(req_ids)
+        self._release_finished_if_idle()
+
+    def _release_finished_if_idle(self) -> None:
+        """Hand finished requests to the runner now when no step is coming to carry them.
+
+        NOTE: finished ids reach the runner with the next step's SchedulerOutput; an idle engine takes no
+        step, so without this the last requests' runner state (seeded generators) would outlive them.
+        """
+        if not self.scheduler.has_unfinished_requests():
+            self.runner.release(self.scheduler.take_finished_req_ids())
 
     def _release_grammar_waiting(self, req_ids: set[str]) -> None:
         """Put back into the scheduler's queue those of req_ids still waiting for a grammar."""
@@ -120,6 +130,7 @@ class EngineCore:
     def finish_requests(self, req_ids: list[str]) -> None:
         """Finish requests that hit a stop string (detected after detokenization)."""
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_STOPPED)
+        self._release_finished_if_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -132,4 +143,6 @@ class EngineCore:
         runner_out = self.runner.execute(sched_out)
         if sched_out.is_empty:
             return failed
-        return failed + self.scheduler.update_from_output(sched_out, runner_out)
+        outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
+        self._release_finished_if_idle()
+        return outputs

@@ -105,9 +105,13 @@ class ModelRunner:
         logger.info("compiled the decode step in %.1f s", time.perf_counter() - start)
         return compiled
 
+    def release(self, req_ids: list[str]) -> None:
+        """Forget finished requests' state (their seeded generators)."""
+        self.sampler.drop(req_ids)
+
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        self.sampler.drop(so.finished_req_ids)
+        self.release(so.finished_req_ids)
         out = ModelRunnerOutput()
         if so.is_empty:
             return out

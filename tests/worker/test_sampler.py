@@ -330,3 +330,21 @@ def test_top_p_that_underflows_keeps_the_best_token():
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
     row = ScheduledRequest("tiny-p", [1], 0, [0], True, SamplingParams(temperature=1.0, top_p=1e-300), [1], 1)
     assert Sampler(4).sample(logits, [row]).token_ids == [1]
+
+
+def test_seeded_generators_go_when_the_engine_goes_idle(tiny_llm):
+    """Finished ids reach the runner with the next step; an idle engine takes none, so it hands them over
+    at once (a finished, a stopped-by-string and an aborted seeded request left generators behind)."""
+    from pagellm.entrypoints.llm import LLM
+
+    assert isinstance(tiny_llm, LLM)
+    runner = tiny_llm.llm_engine.core.runner
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=4, ignore_eos=True)
+    tiny_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    assert runner.sampler._generators == {}
+    engine = tiny_llm.llm_engine
+    engine.add_request("abort-me", [9, 8, 7], SamplingParams(temperature=1.0, seed=3, max_tokens=50))
+    engine.step()
+    assert "abort-me" in runner.sampler._generators
+    engine.abort_request(["abort-me"])
+    assert runner.sampler._generators == {} and not engine.has_unfinished_requests()
