@@ -25,6 +25,7 @@ from pagellm.engine.llm_engine import LLMEngine
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
+from pagellm.structured_output import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,11 @@ class AsyncLLM:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
+
+    async def prepare_structured_output(self, params: StructuredOutputsParams) -> None:
+        """Validate a constraint (InvalidRequest) and start compiling its grammar, off the event loop
+        (the first call loads xgrammar)."""
+        await asyncio.to_thread(self.engine.structured_output.prepare, params)
 
     async def reset_prefix_cache(self) -> bool:
         return await self.call(lambda engine: engine.core.scheduler.reset_prefix_cache())

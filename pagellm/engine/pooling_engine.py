@@ -22,9 +22,13 @@ from pagellm.config import ModelConfig
 from pagellm.engine.async_llm import EngineDeadError
 from pagellm.engine.input_processor import PromptType
 from pagellm.errors import InvalidRequest
-from pagellm.model.layers.kernels import apply_kernel_plan, plan_kernels
-from pagellm.model.loader.hf_loader import iter_safetensors, load_hf_config
-from pagellm.model.loader.model_loader import compute_dtype_for, instantiate_empty, resolve_device, resolve_dtype
+from pagellm.model.loader.hf_loader import load_hf_config
+from pagellm.model.loader.model_loader import (
+    compute_dtype_for,
+    load_encoder,
+    resolve_device,
+    resolve_dtype,
+)
 from pagellm.model.loader.resolve import ModelSource, resolve_pooling_model
 from pagellm.model.models.registry import get_pooling_model_class
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
@@ -213,17 +217,6 @@ class PoolingEngine:
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
         return self.model(input_ids, positions, seq_lens)  # [num_tokens, hidden]
-
-
-def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSource,
-                 dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
-    """Instantiate on "meta", materialize on `device` (None: cpu) in `dtype`, load and check the safetensors
-    weights."""
-    model = instantiate_empty(model_cls, hf_config, dtype, device=device)
-    model.load_weights(iter_safetensors(source.path))
-    model.requires_grad_(False)
-    apply_kernel_plan(model, plan_kernels(device))
-    return model.eval()
 
 
 class AsyncPoolingEngine:

@@ -234,8 +234,8 @@ def test_cuda_last_token_embeddings_equal_cpu(llama_dir):
 def test_cuda_bert_encoder_equals_transformers(tmp_path):
     from transformers import BertConfig, BertModel
 
-    from pagellm.engine.pooling_engine import load_encoder
     from pagellm.model.loader.hf_loader import load_hf_config
+    from pagellm.model.loader.model_loader import load_encoder
     from pagellm.model.loader.resolve import resolve_model
     from pagellm.model.models.registry import get_pooling_model_class
 

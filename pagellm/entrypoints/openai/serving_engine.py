@@ -227,7 +227,7 @@ class OpenAIServing(ServingBase):
         """params with the request's output constraint, validated (400 naming `field`) and compiling."""
         if structured_outputs is None:
             return params
-        await check_structured_outputs(self.engine.engine.structured_output, structured_outputs, field or "")
+        await check_structured_outputs(self.engine, structured_outputs, field or "")
         return replace(params, structured_outputs=structured_outputs)
 
     # ---- running --------------------------------------------------------------------------

@@ -7,9 +7,9 @@ Three spellings reach the same params: OpenAI's ``response_format`` (chat only),
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+from pagellm.engine.async_llm import AsyncLLM
 from pagellm.entrypoints.openai.protocol import ResponseFormat, SamplingFields
 from pagellm.errors import InvalidRequest
 from pagellm.structured_output import StructuredOutputsParams
@@ -49,10 +49,10 @@ def structured_outputs_of(req: SamplingFields, response_format: ResponseFormat |
         raise _renamed(exc, field) from exc
 
 
-async def check_structured_outputs(manager: Any, params: StructuredOutputsParams, field: str) -> None:
-    """Validate the spec and start its compile off the event loop (the first call loads xgrammar)."""
+async def check_structured_outputs(engine: AsyncLLM, params: StructuredOutputsParams, field: str) -> None:
+    """Validate the spec and start its compile (400 naming the field as the client sent it)."""
     try:
-        await asyncio.to_thread(manager.prepare, params)
+        await engine.prepare_structured_output(params)
     except InvalidRequest as exc:
         raise _renamed(exc, field) from exc
 

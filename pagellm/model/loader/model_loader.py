@@ -280,3 +280,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None
         pack_linears(model, bf16_gemv=run_dtype != dtype)
     logger.info("model weights %s, compute %s, on %s", dtype, run_dtype, device or "cpu")
     return model.eval()
+
+
+def load_encoder(model_cls: type[torch.nn.Module], hf_config, source: ModelSource,
+                 dtype: torch.dtype, device: torch.device | None = None) -> torch.nn.Module:
+    """Instantiate on "meta", materialize on `device` (None: cpu) in `dtype`, load and check the safetensors
+    weights."""
+    model = instantiate_empty(model_cls, hf_config, dtype, device=device)
+    model.load_weights(iter_safetensors(source.path))
+    model.requires_grad_(False)
+    kernels.apply_kernel_plan(model, kernels.plan_kernels(device))
+    return model.eval()
