@@ -51,7 +51,9 @@ def test_sigterm_finishes_running_requests_and_exits_0(serve) -> None:
 
 @pytest.mark.slow
 def test_sigterm_aborts_what_outlives_the_grace_period_and_exits_0(serve) -> None:
-    proc, base = serve("--shutdown-grace-seconds", "0.5")
+    # NOTE: the tiny model writes ~500-1000 tokens/s, so the grace period must be far under the
+    # 480 tokens' time, or a quiet machine completes the stream before the cut (a CI run did at 0.5 s)
+    proc, base = serve("--shutdown-grace-seconds", "0.05")
     body = {"prompt": "Counting slowly:", "max_tokens": 480, "ignore_eos": True, "stream": True}
     thread, first, events = _events(base, body)
     assert first.wait(30)
@@ -62,5 +64,6 @@ def test_sigterm_aborts_what_outlives_the_grace_period_and_exits_0(serve) -> Non
     thread.join(30)
     assert not thread.is_alive()
     # cut off, not completed: the stream ends with an in-band error event instead of a broken connection
+    assert events and events[-1] != "[DONE]", f"the stream completed before the cut: {len(events)} events"
     assert json.loads(events[-1])["error"]["code"] == "shutting_down", events[-2:]
     assert sum(1 for e in events if '"choices"' in e) < 480

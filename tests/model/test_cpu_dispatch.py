@@ -8,6 +8,11 @@ every CPU kind, and their greedy tokens do not depend on the kind.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -62,6 +67,23 @@ def test_pagellm_cpu_flags_takes_another_kinds_branch_but_not_its_build(monkeypa
     finally:
         monkeypatch.delenv("PAGELLM_CPU_FLAGS")
         kernels.cpu_features.cache_clear()
+
+
+@needs_kernels
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    """torch's loader waits forever on the `lock` file a killed build leaves; pagellm's loader clears it."""
+    name = kernels.kernel_module_name()
+    built = kernels._build_directory(name)
+    ext_root = tmp_path / "ext"
+    copy = ext_root / built.parent.name / name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "pagellm.flock"))  # keeps mtimes: no rebuild
+    (copy / "lock").touch()  # what a build killed mid-way leaves behind
+    code = "from pagellm.model.layers.kernels import load_kernel; assert load_kernel() is not None"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_root)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "removing a kernel build lock" in done.stderr
+    assert not (copy / "lock").exists()
 
 
 def test_activation_dtype_per_cpu_kind(cpu_kind):

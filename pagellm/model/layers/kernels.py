@@ -9,10 +9,15 @@ do, and `plan_kernels()` the one place that decides, at load, which kernel each 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
+import sys
+import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -94,6 +99,37 @@ def kernel_module_name(features: CpuFeatures | None = None) -> str:
     return f"pagellm_kernels_{(features or _detected_features()).build_key()}"
 
 
+def _build_directory(name: str) -> Path:
+    """Where torch's loader keeps this extension's build: $TORCH_EXTENSIONS_DIR or its default root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    path = root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold the build folder alone while torch's loader builds or loads into it.
+
+    NOTE: torch guards a build with a plain `lock` file that a killed build (a server stopped
+    during its first start, a test timeout) leaves behind, and every later load then waits on it
+    forever, silently. An flock goes away with the process that held it, so whoever holds this one
+    knows any `lock` file in the folder is stale and removes it.
+    """
+    with open(build_dir / "pagellm.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("removing a kernel build lock left by a build that was killed: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_kernel():
     """The compiled module, or None (disabled, or the build failed: logged once)."""
     global _module, _failed
@@ -105,13 +141,20 @@ def load_kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        name = kernel_module_name()
+        build_dir = _build_directory(name)
         # NOTE: torch's loader rebuilds when a source or a flag changes, not a header: the header's
         # hash goes into the flags
         header = hashlib.sha1(_SOURCES[0].with_name("kernels.h").read_bytes()).hexdigest()[:12]
-        _module = load(kernel_module_name(), sources=[str(s) for s in _SOURCES],
-                       extra_include_paths=[str(_SOURCES[0].parent)],
-                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DPAGELLM_HEADER={header}"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        logger.info("loading the C++ kernels from %s (a first load on this CPU builds them: minutes)", build_dir)
+        start = time.monotonic()
+        with exclusive_build(build_dir):
+            _module = load(name, sources=[str(s) for s in _SOURCES], build_directory=str(build_dir),
+                           extra_include_paths=[str(_SOURCES[0].parent)],
+                           extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp",
+                                         f"-DPAGELLM_HEADER={header}"],
+                           extra_ldflags=["-fopenmp"], verbose=False)
+        logger.info("C++ kernels ready in %.1f s", time.monotonic() - start)
     except Exception as exc:  # no compiler, no ninja, a build error: the torch path still works
         logger.warning("C++ kernels unavailable (%s: %s); using the torch paths", type(exc).__name__, exc)
         _failed = True
