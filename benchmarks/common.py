@@ -85,7 +85,7 @@ def hf_model(dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pagellm.model.loader.resolve import bundled_gguf_path
+    from pagellm.model_source import bundled_gguf_path
 
     path = bundled_gguf_path()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

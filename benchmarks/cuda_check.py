@@ -143,7 +143,7 @@ def measure_pagellm(path: str, device: str, w2: tuple[int, int, int], w1: tuple[
     num, prompt_len, gen = w2
     llm = LLM(path, dtype="bfloat16", device=device, max_num_seqs=num, max_num_batched_tokens=2048,
               max_model_len=1024, enable_prefix_caching=False)
-    prompts = random_prompts(num, prompt_len, llm.llm_engine.model.config.vocab_size)
+    prompts = random_prompts(num, prompt_len, llm.llm_engine.worker.model.config.vocab_size)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     params = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True)
     sync(device)
@@ -155,7 +155,7 @@ def measure_pagellm(path: str, device: str, w2: tuple[int, int, int], w1: tuple[
     result = {"w2_s": elapsed, "w2_output_tok_s": num * gen / elapsed,
               "w2_total_tok_s": num * (prompt_len + gen) / elapsed}
     w1_prompt, w1_gen = w1
-    prompt = random_prompts(1, w1_prompt, llm.llm_engine.model.config.vocab_size, seed=1)
+    prompt = random_prompts(1, w1_prompt, llm.llm_engine.worker.model.config.vocab_size, seed=1)
     ttft, total = _two_runs(lambda n: llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                                                    use_tqdm=False), w1_gen, device)
     result |= {"w1_ttft_s": ttft, "w1_decode_tok_s": (w1_gen - 1) / (total - ttft)}

@@ -63,7 +63,7 @@ def main() -> None:
 
     import pagellm.model.models.bert as bert
     from pagellm import LLM
-    from pagellm.model.loader.resolve import bundled_encoder_path
+    from pagellm.model_source import bundled_encoder_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

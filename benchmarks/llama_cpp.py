@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--w2", action="store_true", help="also W2 (about 10 min)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    from pagellm.model.loader.resolve import bundled_gguf_path
+    from pagellm.model_source import bundled_gguf_path
 
     model = str(bundled_gguf_path())
     bin_dir = Path(args.bin_dir)

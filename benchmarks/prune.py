@@ -39,7 +39,7 @@ def measure(model: str | None, dtype: str) -> dict:
         start = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
         best = min(best, time.perf_counter() - start)
-    num_layers = llm.llm_engine.model.config.num_hidden_layers
+    num_layers = llm.llm_engine.worker.model.config.num_hidden_layers
     return {"perplexity": ppl.perplexity, "num_tokens": ppl.num_tokens, "e2e_s": best,
             "tok_s": GEN_LEN / best, "num_layers": num_layers}
 

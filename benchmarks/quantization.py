@@ -79,7 +79,7 @@ def measure(scheme: str, folder: str) -> dict:
     start = time.perf_counter()
     llm = LLM(folder if source == "folder" else None, max_num_seqs=8, **kwargs)
     load_s = time.perf_counter() - start
-    model = llm.llm_engine.model
+    model = llm.llm_engine.worker.model
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     ppl = perplexity(llm, fixed_text(), window=512)
     decode_ppl = decode_perplexity(llm, fixed_text(), DECODE_TOKENS)
@@ -98,7 +98,7 @@ def decode_perplexity(llm, text: str, num_tokens: int) -> float:
 
     import torch
 
-    runner = llm.llm_engine.core.runner
+    runner = llm.llm_engine.core.worker.runner
     model, block_size = runner.model, runner.block_size
     ids = llm.get_tokenizer().encode(text)[:num_tokens]
     table = torch.arange(-(-len(ids) // block_size)).view(1, -1)
@@ -121,7 +121,7 @@ def write_dequantized_folder(path: str) -> None:
     from safetensors.torch import save_file
 
     from pagellm.model.loader.model_loader import checkpoint_weights
-    from pagellm.model.loader.resolve import resolve_model
+    from pagellm.model_source import resolve_model
     from pagellm.tokenizer import load_hf_tokenizer
 
     source = resolve_model(None)

@@ -9,6 +9,8 @@ from pagellm.errors import InvalidRequest
 
 PoolingType = Literal["mean", "cls", "last"]
 POOLING_TYPES: tuple[str, ...] = ("mean", "cls", "last")
+# The tasks a pooling model runs (vLLM's names); "generate" is the decoder's
+POOLING_TASKS: tuple[str, ...] = ("embed", "classify")
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,7 @@ class PoolingParams:
     """Per-call options of `LLM.embed`; None keeps the model's PoolerConfig."""
 
     normalize: bool | None = None
+
+
+# vLLM's default pooler for encoders without a sentence-transformers config
+ENCODER_DEFAULT_POOLER = PoolerConfig(pooling_type="cls", normalize=True)

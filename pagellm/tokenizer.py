@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pagellm.errors import ModelNotFound
-from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
+from pagellm.model_source import ModelSource, gguf_cache_dir
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # tokenizer_config.json classes that transformers builds from tokenizer.json as it is

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from pagellm.model.loader.resolve import resolve_model  # noqa: E402
+from pagellm.model_source import resolve_model  # noqa: E402
 from pagellm.tokenizer import load_hf_tokenizer  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import shutil
 import jinja2
 import pytest
 
-from pagellm.model.loader.resolve import ModelSource, resolve_model
+from pagellm.model_source import ModelSource, resolve_model
 from pagellm.tokenizer import LiteTokenizer, load_tokenizer
 
 TEXTS = [

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pagellm.errors import InvalidRequest
-from pagellm.model.loader.resolve import ModelSource, bundled_encoder_path, resolve_model
+from pagellm.model_source import ModelSource, bundled_encoder_path, resolve_model
 
 BUNDLED_DECODER_ALIAS = "smollm2"
 BUNDLED_ENCODER_ALIAS = "minilm"

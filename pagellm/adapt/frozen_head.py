@@ -46,7 +46,7 @@ def embed_features(model_path: str, pooling_type: str, texts_per_split: list[lis
 
     llm = LLM(model_path, task="embed", dtype="float32",
               pooler_config=PoolerConfig(pooling_type=pooling_type, normalize=False))  # type: ignore[arg-type]
-    keep = min(max_length, llm.pooling_engine.max_model_len)
+    keep = min(max_length, llm.llm_engine.max_model_len)
     out = []
     for texts in texts_per_split:
         vectors = llm.embed(texts, truncate_prompt_tokens=max(keep, 2), use_tqdm=False)

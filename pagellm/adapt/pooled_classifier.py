@@ -27,8 +27,8 @@ POOLED_MODEL_TYPES = ("bert",)  # the encoder families pagellm's engine serves w
 def encoder_pooling_type(folder: Path) -> str:
     """The pooling pagellm's engine uses for this encoder's embeddings: the sentence-transformers Pooling
     module's mode when the folder has one, else the engine's encoder default (cls)."""
-    from pagellm.engine.pooling_engine import ENCODER_DEFAULT_POOLER
     from pagellm.model.pooling import read_sentence_transformers_pooler
+    from pagellm.pooling_params import ENCODER_DEFAULT_POOLER
 
     declared = read_sentence_transformers_pooler(Path(folder))
     pooling_type = declared.pooling_type if declared is not None else ENCODER_DEFAULT_POOLER.pooling_type

@@ -16,12 +16,12 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pagellm.engine.input_processor import PromptType
-from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.llm_engine import LLMEngine, ProcessedPrompt
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -57,10 +57,26 @@ class EngineStats:
     num_adds_processed: int = 0  # add commands the engine thread has taken off the queue
 
 
+@dataclass(frozen=True)
+class ServedModelInfo:
+    """What a server publishes about the model an AsyncLLM runs (GET /v1/models, /tokenize, /classify)."""
+
+    name: str
+    root: str  # the model's folder or .gguf file
+    task: str  # generate | embed | classify
+    max_model_len: int
+    context_limit: int  # the most tokens one sequence may hold (max_model_len, or less if the KV pool is smaller)
+    vocab_size: int
+    hidden_size: int  # the size of an embedding
+    labels: tuple[str, ...]  # a classification model's classes, in class-id order
+    lora_enabled: bool
+    max_num_seqs: int
+
+
 @dataclass
 class _Add:
     request_id: str
-    prompt: PromptType
+    prompt: ProcessedPrompt
     params: SamplingParams
     priority: int
     arrival_time: float
@@ -137,11 +153,19 @@ class AsyncLLM:
     """Owns the engine thread and the per-request output streams of the asyncio side."""
 
     def __init__(self, engine: LLMEngine, observer: OutputObserver | None = None) -> None:
-        self.engine = engine
+        self._engine = engine  # NOTE: the engine thread's alone once started; the methods below are the door
         self.tokenizer = engine.tokenizer
-        self.input_processor = engine.input_processor
+        self.task = engine.task
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
+        self._info = ServedModelInfo(
+            name=engine.model_name, root=str(engine.source.path), task=engine.task,
+            max_model_len=engine.max_model_len, context_limit=engine.context_limit,
+            vocab_size=engine.info.vocab_size, hidden_size=engine.hidden_size,
+            labels=tuple(getattr(engine, "labels", ())), lora_enabled=engine.lora_config is not None,
+            max_num_seqs=engine.scheduler_config.max_num_seqs,
+        )
+        self._num_calls = 0  # encode calls queued or running (asyncio thread only)
         self.observer = observer
         self.stats = EngineStats()
         self.dead_error: BaseException | None = None
@@ -219,7 +243,24 @@ class AsyncLLM:
     def num_waiting(self) -> int:
         """Waiting requests, counting adds still in the command queue (the scheduler has not seen them)."""
         stats = self.stats
-        return stats.num_waiting + max(0, self._num_adds_sent - stats.num_adds_processed)
+        return stats.num_waiting + max(0, self._num_adds_sent - stats.num_adds_processed) + self._num_calls
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def model_info(self) -> ServedModelInfo:
+        return self._info
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._engine.input_processor.tokenize(text, add_special_tokens=add_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The chat template applied to messages (InvalidRequest for a malformed conversation)."""
+        return self._engine.input_processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                                **kwargs)
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """InvalidRequest unless the prompt and params fit (what add_request checks, without adding)."""
+        self._engine.input_processor.check_token_ids(prompt_ids, params)
 
     # ---- requests (asyncio thread) --------------------------------------------------------
 
@@ -232,11 +273,14 @@ class AsyncLLM:
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         assert request_id not in self._queues, f"duplicate request id {request_id!r}"
+        # NOTE: validated here, once, so a bad request raises InvalidRequest to its caller before any
+        # response starts; the engine thread takes the processed prompt as it is
+        processed = self._engine.process_inputs(prompt, params, lora_request)
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = outputs
         self._num_adds_sent += 1
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._commands.put(_Add(request_id, prompt, params, priority, arrival, lora_request))
+        self._commands.put(_Add(request_id, processed, params, priority, arrival, lora_request))
         return RequestStream(request_id, outputs, self._commands)
 
     async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
@@ -254,21 +298,46 @@ class AsyncLLM:
         """Abort a request; unknown or finished ids are ignored."""
         self._commands.put(_Abort(request_id))
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run fn(engine) on the engine thread between two steps and return its result."""
+    async def _on_engine_thread(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) on the engine thread between two steps; the typed methods below are built on it."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running: {self.dead_error!r}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Call(fn, future))
         return await asyncio.wrap_future(future)
 
+    async def add_lora(self, lora_request: LoRARequest) -> dict | None:
+        """Load and register an adapter; returns its task file (a classification adapter's labels)."""
+        adapter = await self._on_engine_thread(lambda engine: engine.add_lora(lora_request))
+        return adapter.task
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Unregister an adapter (InvalidRequest while unfinished requests use it)."""
+        return await self._on_engine_thread(lambda engine: engine.remove_lora(lora_id))
+
+    async def encode(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+                     normalize: bool | None = None) -> tuple[list[list[int]], list[list[float]]]:
+        """(token ids, rows) per prompt of a pooling model: embeddings (task embed) or class probabilities
+        (task classify). Every prompt is validated before any is computed."""
+
+        def work(engine: LLMEngine) -> tuple[list[list[int]], list[list[float]]]:
+            _, ids = engine.process_pooling_prompts(prompts, truncate_prompt_tokens)
+            rows = engine.classify(ids) if engine.task == "classify" else engine.embed(ids, normalize=normalize)
+            return ids, rows
+
+        self._num_calls += 1
+        try:
+            return await self._on_engine_thread(work)
+        finally:
+            self._num_calls -= 1
+
     async def prepare_structured_output(self, params: StructuredOutputsParams) -> None:
         """Validate a constraint (InvalidRequest) and start compiling its grammar, off the event loop
         (the first call loads xgrammar)."""
-        await asyncio.to_thread(self.engine.structured_output.prepare, params)
+        await asyncio.to_thread(self._engine.structured_output.prepare, params)
 
     async def reset_prefix_cache(self) -> bool:
-        return await self.call(lambda engine: engine.core.scheduler.reset_prefix_cache())
+        return await self._on_engine_thread(lambda engine: engine.reset_prefix_cache())
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Runs on the event loop: route each output to its queue; a final output retires the queue."""
@@ -295,7 +364,7 @@ class AsyncLLM:
     # ---- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        engine = self.engine
+        engine = self._engine
         num_adds = 0
         num_failures = 0
         try:
@@ -347,7 +416,7 @@ class AsyncLLM:
 
     def _add(self, cmd: _Add) -> None:
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, priority=cmd.priority,
+            self._engine.add_request(cmd.request_id, cmd.prompt, cmd.params, priority=cmd.priority,
                                     arrival_time=cmd.arrival_time, lora_request=cmd.lora_request)
         except Exception as exc:  # InvalidRequest reaches the handler as a 400; the engine goes on
             self._post(self._fail_requests, [cmd.request_id], exc)
@@ -356,7 +425,7 @@ class AsyncLLM:
         if not cmd.future.set_running_or_notify_cancel():
             return
         try:
-            cmd.future.set_result(cmd.fn(self.engine))
+            cmd.future.set_result(cmd.fn(self._engine))
         except Exception as exc:
             cmd.future.set_exception(exc)
 
@@ -371,19 +440,12 @@ class AsyncLLM:
 
     def _abort_all(self) -> list[str]:
         """Abort every request the engine holds; returns their ids."""
-        engine = self.engine
-        parent_ids = list(engine.output_processor.requests)
-        if parent_ids:
-            engine.abort_request(parent_ids)
-        # NOTE: a request the output processor already forgot may still sit in the scheduler after
-        # a failed step; abort those by their own ids so no KV block stays allocated.
-        leftover = list(engine.core.scheduler.requests)
-        if leftover:
-            engine.core.abort_requests(leftover)
-        return parent_ids
+        return self._engine.abort_all()
 
     def _snapshot(self, num_adds: int) -> EngineStats:
-        scheduler = self.engine.core.scheduler
+        if self._engine.core is None:  # a pooling model: no scheduler
+            return EngineStats(num_adds_processed=num_adds)
+        scheduler = self._engine.core.scheduler
         return EngineStats(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,

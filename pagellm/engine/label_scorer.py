@@ -160,7 +160,7 @@ async def _final_output(stream: RequestStream) -> RequestOutput:
 async def score_with_async_engine(engine: AsyncLLM, plans: list[LabelScoringPlan], request_id: str,
                                   lora_request: LoRARequest | None = None) -> list[list[float]]:
     """Label probabilities per plan through AsyncLLM; cancelling the call aborts its engine requests."""
-    window = asyncio.Semaphore(engine.engine.scheduler_config.max_num_seqs)  # see score_with_engine
+    window = asyncio.Semaphore(engine.model_info().max_num_seqs)  # see score_with_engine
     num_labels = len(plans[0].label_ids)
 
     async def score_label(i: int, j: int) -> float:

@@ -1,170 +1,209 @@
-"""LLMEngine: the synchronous engine (input processing, core steps, output processing)."""
+"""LLMEngine: the synchronous engine, one path for every task.
+
+generate: input processing, core steps (scheduler + worker), output processing. embed / classify: the same
+input processor, prompts packed into flat batches for the worker's `pool` (no scheduler, no KV cache).
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
-import torch
+from tqdm.auto import tqdm
 
 from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
-from pagellm.engine.engine_core import EngineCore, size_kv_cache
+from pagellm.engine.engine_core import EngineCore
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
-from pagellm.model.layers.quant import SCHEMES
-from pagellm.model.loader.model_loader import load_model, resolve_device, resolve_dtype, resolve_quantization
-from pagellm.model.loader.peft_loader import load_lora_adapter, load_prefix_adapter, read_adapter_config
-from pagellm.model.loader.resolve import ModelSource, resolve_model
 from pagellm.outputs import RequestOutput
+from pagellm.pooling_params import PoolerConfig
 from pagellm.request import Request
 from pagellm.sampling_params import SamplingParams
 from pagellm.structured_output.manager import StructuredOutputManager
-from pagellm.tokenizer import load_tokenizer
+from pagellm.tokenizer import load_hf_tokenizer, load_tokenizer
+from pagellm.worker.worker import GENERATE_TASK, AdapterInfo, ModelInfo, PoolingBatch, Worker
 
 logger = logging.getLogger(__name__)
 
+# Pooling: the most tokens one packed forward takes (an encoder sees each prompt once, whole, so this only
+# bounds activation memory)
+DEFAULT_POOLING_BATCHED_TOKENS = 8192
 
-def _pick_device(model_config: ModelConfig, lora_config: LoRAConfig | None) -> torch.device:
-    """The engine's device. NOTE: what only the CPU runs yet (LoRA, --compile, packed int8/int4 weights) keeps
-    device "auto" on the CPU, so enabling CUDA changes no such command; asked of cuda explicitly, it raises."""
-    cpu_only = {"enable_lora": lora_config is not None, "compile": model_config.compile,
-                "quantization": model_config.quantization in SCHEMES}
-    if model_config.device == "auto" and any(cpu_only.values()):
-        return torch.device("cpu")
-    device = resolve_device(model_config.device)
-    if device.type != "cpu":
-        if cpu_only["enable_lora"]:
-            raise InvalidRequest(f"LoRA adapters are not supported on {device.type} yet", param="enable_lora")
-        if cpu_only["compile"]:
-            raise InvalidRequest(f"--compile is not supported on {device.type} yet", param="compile")
-    return device  # NOTE: resolve_quantization refuses an explicit int8/int4 off the CPU
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """A prompt validated once, ready for the scheduler: the text, the token ids and the adapter's place."""
+
+    text: str | None
+    prompt_ids: list[int]
+    lora_id: int = 0
+    num_virtual_tokens: int = 0  # prefix tuning: placeholder positions ahead of the prompt
 
 
 class LLMEngine:
-    """Loads model + tokenizer, accepts requests, and steps them to completion."""
+    """Owns the worker (through the core), the tokenizer and the input/output processing of one model."""
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig, lora_config: LoRAConfig | None = None) -> None:
-        t0 = time.perf_counter()
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, lora_config: LoRAConfig | None = None,
+                 task: str = GENERATE_TASK, pooler_config: PoolerConfig | None = None) -> None:
         self.model_config = model_config
-        self.device = _pick_device(model_config, lora_config)
-        self.source: ModelSource = resolve_model(model_config.model)
-        self.dtype = resolve_dtype(model_config.dtype)
-        torch.manual_seed(model_config.seed)
+        self.task = task
+        self.worker = Worker(model_config, task, lora_config)
+        self.info: ModelInfo = self.worker.load()
+        self.source = self.info.source
+        self.lora_config = lora_config
+        self.lora_requests: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id
+        self._adapters: dict[int, AdapterInfo] = {}
+        self._ids = itertools.count()
+        scheduler_config = scheduler_config or SchedulerConfig()
+        if self.is_pooling:
+            self._init_pooling(model_config, scheduler_config, pooler_config)
+        else:
+            self._init_generate(model_config, cache_config or CacheConfig(), scheduler_config, lora_config)
+        self.load_time = self.info.load_time
+        logger.info("loaded %s for %s (%s, %s) in %.1fs", self.source.name, task, self.info.dtype, self.info.device,
+                    self.load_time)
+
+    def _init_generate(self, model_config: ModelConfig, cache_config: CacheConfig,
+                       scheduler_config: SchedulerConfig, lora_config: LoRAConfig | None) -> None:
+        info = self.info
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
-        quantization = resolve_quantization(self.source, model_config.quantization, model_config.dtype, self.device)
-        self.model = load_model(self.source, self.dtype, quantization, self.device)
-        self.compute_dtype = self.model.embed_tokens.weight.dtype  # activations
-        # NOTE: "auto" stores keys/values in the model's dtype, which can be narrower than the activations:
-        # a bf16 model on a CPU without native bf16 computes in float32 but keeps a bf16 cache (half the
-        # memory, and W2 measured faster: less to read per decode step)
-        self.kv_dtype = self.dtype if cache_config.cache_dtype == "auto" else resolve_dtype(cache_config.cache_dtype)
-        hf_config = self.model.config
-        max_len = model_config.max_model_len or hf_config.max_position_embeddings
-        if max_len > hf_config.max_position_embeddings:
-            raise InvalidRequest(
-                f"max_model_len {max_len} exceeds the model's {hf_config.max_position_embeddings}",
-                param="max_model_len",
-            )
+        max_len = model_config.max_model_len or info.max_position_embeddings
+        if max_len > info.max_position_embeddings:
+            raise InvalidRequest(f"max_model_len {max_len} exceeds the model's {info.max_position_embeddings}",
+                                 param="max_model_len")
         self.max_model_len = max_len
         scheduler_config = replace(scheduler_config, max_model_len=max_len,
                                    max_loras=lora_config.max_loras if lora_config else 0)
-        cache_config = replace(
-            cache_config, num_blocks=size_kv_cache(self.model, cache_config, scheduler_config, self.kv_dtype)
-        )
+        cache_config = replace(cache_config, num_blocks=self.worker.num_kv_blocks(cache_config, scheduler_config))
+        self.worker.init_kv_cache(cache_config, scheduler_config)
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
-        self.lora_config = lora_config
-        self.core = EngineCore(self.model, scheduler_config, cache_config, self.compute_dtype, lora_config,
-                               compile=model_config.compile, kv_dtype=self.kv_dtype, device=self.device)
-        self.lora_requests: dict[int, LoRARequest] = {}  # registered adapters by lora_int_id
-        self.eos_token_id = self._eos_token_id(hf_config)
+        self.core: EngineCore | None = EngineCore(self.worker, scheduler_config, cache_config)
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_id = eos if eos is not None else info.eos_token_id
         pool_tokens = cache_config.num_blocks * cache_config.block_size
-        self.input_processor = InputProcessor(self.tokenizer, max_len, hf_config.vocab_size, pool_tokens)
+        self.input_processor = InputProcessor(self.tokenizer, max_len, info.vocab_size, pool_tokens)
         self.output_processor = OutputProcessor(self.tokenizer)
         # NOTE: the grammar library and the tokenizer info load on the first constrained request
-        self.structured_output = StructuredOutputManager(self.tokenizer, hf_config.vocab_size, [self.eos_token_id])
-        self._ids = itertools.count()
-        self.load_time = time.perf_counter() - t0
-        logger.info("loaded %s (%s, %s) in %.1fs", self.source.name, self.dtype, self.device, self.load_time)
+        self.structured_output = StructuredOutputManager(self.tokenizer, info.vocab_size, [self.eos_token_id])
 
-    def _eos_token_id(self, hf_config) -> int | None:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = hf_config.eos_token_id
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        return eos
+    def _init_pooling(self, model_config: ModelConfig, scheduler_config: SchedulerConfig,
+                      pooler_config: PoolerConfig | None) -> None:
+        info = self.info
+        self.tokenizer = load_hf_tokenizer(self.source, model_config.tokenizer)
+        self.max_model_len = self._pooling_max_len(model_config.max_model_len)
+        self.scheduler_config, self.cache_config, self.core = scheduler_config, None, None
+        # NOTE: no KV cache bounds a pooling batch, so it takes at least the default and one whole prompt
+        self.max_num_batched_tokens = max(scheduler_config.max_num_batched_tokens, DEFAULT_POOLING_BATCHED_TOKENS,
+                                          self.max_model_len)
+        self.pooler_config = (pooler_config or PoolerConfig()).merged_over(info.default_pooler)
+        self.labels = list(info.labels)
+        self.input_processor = InputProcessor(self.tokenizer, self.max_model_len, info.vocab_size, pooling=True)
+
+    def _pooling_max_len(self, requested: int | None) -> int:
+        limit = self.info.max_position_embeddings
+        if requested is not None:
+            if not 0 < requested <= limit:
+                raise InvalidRequest(f"max_model_len {requested} must be in [1, {limit}] for this model",
+                                     param="max_model_len")
+            return requested
+        st_len = self.info.max_seq_length
+        return st_len if st_len is not None and st_len < limit else limit
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.worker.is_pooling
 
     @property
     def model_name(self) -> str:
         return self.source.name
 
+    @property
+    def hidden_size(self) -> int:
+        return self.info.hidden_size
+
+    @property
+    def context_limit(self) -> int:
+        return self.input_processor.context_limit
+
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
-                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
-                    cache_salt: str | None = None) -> None:
-        """Validate and enqueue a prompt; n > 1 becomes n child requests sharing the prompt."""
-        if self.output_processor.has_request(request_id):
-            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        lora_id = 0
-        if lora_request is not None:
-            if self.lora_requests.get(lora_request.lora_int_id) != lora_request:
-                self.add_lora(lora_request)  # new, or refused when the id names another adapter
-            lora_id = lora_request.lora_int_id
+    # ---- generation requests ----------------------------------------------------------------
+    def _require_generate(self, what: str) -> EngineCore:
+        if self.core is None:
+            raise InvalidRequest(f"{what} needs a generate model; this engine runs task {self.task!r}", param="task")
+        return self.core
+
+    def process_inputs(self, prompt: PromptType, params: SamplingParams,
+                       lora_request: LoRARequest | None = None) -> ProcessedPrompt:
+        """Validate a prompt and its parameters once (InvalidRequest); safe off the engine thread."""
+        self._require_generate("generation")
         text, prompt_ids = self.input_processor.process(prompt, params)
         if params.structured_outputs is not None:
             self.structured_output.prepare(params.structured_outputs)  # InvalidRequest before anything is queued
+        lora_id = lora_request.lora_int_id if lora_request is not None else 0
+        adapter = self._adapters.get(lora_id) if lora_id else None
+        num_virtual = adapter.num_virtual_tokens if adapter is not None else 0
+        if num_virtual and len(prompt_ids) + num_virtual >= self.max_model_len:
+            raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus the adapter's {num_virtual} virtual "
+                                 f"tokens leave no room in max_model_len {self.max_model_len}", param="prompt")
+        return ProcessedPrompt(text, prompt_ids, lora_id, num_virtual)
+
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    cache_salt: str | None = None) -> None:
+        """Enqueue a prompt (validated here unless process_inputs already did); n > 1 becomes n child
+        requests sharing the prompt."""
+        core = self._require_generate("add_request")
+        if self.output_processor.has_request(request_id):
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        if lora_request is not None and self.lora_requests.get(lora_request.lora_int_id) != lora_request:
+            self.add_lora(lora_request)  # new, or refused when the id names another adapter
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_inputs(prompt, params,
+                                                                                            lora_request)
+        if processed.num_virtual_tokens != (self._adapters[processed.lora_id].num_virtual_tokens
+                                            if processed.lora_id else 0):
+            processed = self.process_inputs({"prompt": processed.text, "prompt_token_ids": processed.prompt_ids},
+                                            params, lora_request)  # the adapter was loaded after processing
         children = (
             {request_id: params} if params.n == 1
             else {f"{request_id}-{i}": params.clone_for_child(i) for i in range(params.n)}
         )
-        num_virtual = self.core.runner.lora.num_virtual_tokens(lora_id) if lora_id else 0
-        if num_virtual and len(prompt_ids) + num_virtual >= self.max_model_len:
-            raise InvalidRequest(f"the prompt ({len(prompt_ids)} tokens) plus the adapter's {num_virtual} virtual "
-                                 f"tokens leave no room in max_model_len {self.max_model_len}", param="prompt")
-        self.output_processor.add_request(request_id, text, prompt_ids, children, arrival_time)
+        num_virtual = processed.num_virtual_tokens
+        self.output_processor.add_request(request_id, processed.text, processed.prompt_ids, children, arrival_time)
         # NOTE: a prefix-tuning adapter's virtual tokens lead the sequence as placeholder ids; the runner
         # writes the adapter's keys/values over theirs, so real tokens sit at positions num_virtual, ...
-        engine_prompt_ids = [0] * num_virtual + prompt_ids
+        engine_prompt_ids = [0] * num_virtual + processed.prompt_ids
         for child_id, child_params in children.items():
             if num_virtual and child_params.prompt_logprobs is not None:
                 child_params = replace(child_params,
                                        prompt_logprobs_start=(child_params.prompt_logprobs_start or 1) + num_virtual)
             req = Request(child_id, engine_prompt_ids, child_params, eos_token_id=self.eos_token_id,
-                          arrival_time=arrival_time, priority=priority, lora_id=lora_id, cache_salt=cache_salt)
+                          arrival_time=arrival_time, priority=priority, lora_id=processed.lora_id,
+                          cache_salt=cache_salt)
             if child_params.structured_outputs is not None:
                 req.structured_output = self.structured_output.grammar_for(child_params.structured_outputs)
             room = self.max_model_len - len(engine_prompt_ids)
             req.max_tokens = room if child_params.max_tokens is None else min(child_params.max_tokens, room)
-            self.core.add_request(req)
+            core.add_request(req)
 
     # ---- LoRA adapters ---------------------------------------------------------------------
-    def add_lora(self, lora_request: LoRARequest) -> bool:
+    def add_lora(self, lora_request: LoRARequest) -> AdapterInfo:
         """Load and register a PEFT adapter (kept in memory; put into a compute slot when used)."""
-        runner = self.core.runner
-        if runner.lora is None:
-            raise InvalidRequest("LoRA is not enabled: build the engine with enable_lora=True "
-                                 "(pagellm serve --enable-lora or --lora-modules)", param="lora_request")
+        self._require_generate("add_lora")
         known = self.lora_requests.get(lora_request.lora_int_id)
         if known is not None and known != lora_request:
             raise InvalidRequest(f"lora_int_id {lora_request.lora_int_id} is already used by {known.lora_name!r}",
                                  param="lora_request")
-        if read_adapter_config(lora_request.lora_path).get("peft_type") == "PREFIX_TUNING":
-            prefix = load_prefix_adapter(lora_request.lora_path, len(self.model.layers), self.model.num_kv_heads,
-                                         self.model.head_dim, self.compute_dtype)
-            runner.lora.add_prefix(lora_request.lora_int_id, prefix)
-        else:
-            adapter = load_lora_adapter(lora_request.lora_path, len(self.model.layers),
-                                        self.lora_config.max_lora_rank, self.compute_dtype)
-            runner.lora.add_adapter(lora_request.lora_int_id, adapter)
+        adapter = self.worker.add_adapter(lora_request)
         self.lora_requests[lora_request.lora_int_id] = lora_request
-        return True
+        self._adapters[lora_request.lora_int_id] = adapter
+        return adapter
 
     def remove_lora(self, lora_id: int) -> bool:
         """Unregister an adapter; refused while unfinished requests use it."""
@@ -173,19 +212,20 @@ class LLMEngine:
         if any(r.lora_id == lora_id for r in self.core.scheduler.requests.values()):
             raise InvalidRequest(f"LoRA adapter {self.lora_requests[lora_id].lora_name!r} is in use by "
                                  "unfinished requests", param="lora_name")
-        self.core.runner.lora.remove_adapter(lora_id)
+        self.worker.remove_adapter(lora_id)
         del self.lora_requests[lora_id]
+        del self._adapters[lora_id]
         return True
-
-    def list_loras(self) -> list[LoRARequest]:
-        return list(self.lora_requests.values())
 
     def lora_adapter_task(self, lora_id: int) -> dict | None:
         """The adapter's pagellm_task.json (e.g. a classification adapter's labels), if it has one."""
-        lora = self.core.runner.lora
-        return lora.task_of(lora_id) if lora is not None else None
+        adapter = self._adapters.get(lora_id)
+        return adapter.task if adapter is not None else None
 
+    # ---- stepping --------------------------------------------------------------------------
     def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        if self.core is None:
+            return []
         outs = []
         for rid in request_ids:
             children = self.output_processor.child_ids(rid)
@@ -195,12 +235,89 @@ class LLMEngine:
                 outs.append(out)
         return outs
 
+    def abort_all(self) -> list[str]:
+        """Abort every request the engine holds; returns the ids of those the caller knew (parents)."""
+        if self.core is None:
+            return []
+        parent_ids = list(self.output_processor.requests)
+        if parent_ids:
+            self.abort_request(parent_ids)
+        # NOTE: a request the output processor already forgot may still sit in the scheduler after
+        # a failed step; abort those by their own ids so no KV block stays allocated.
+        leftover = list(self.core.scheduler.requests)
+        if leftover:
+            self.core.abort_requests(leftover)
+        return parent_ids
+
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.core is not None and self.core.has_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        return self._require_generate("reset_prefix_cache").scheduler.reset_prefix_cache()
 
     def step(self) -> list[RequestOutput]:
-        core_outputs = self.core.step()
+        core = self._require_generate("step")
+        core_outputs = core.step()
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
-            self.core.finish_requests(stopped)
+            core.finish_requests(stopped)
         return outputs
+
+    # ---- pooling ---------------------------------------------------------------------------
+    def _require_pooling(self, task: str) -> None:
+        if self.task != task:
+            raise InvalidRequest(f"{task} needs a model loaded with task={task!r}; this engine runs task "
+                                 f"{self.task!r}", param="task")
+
+    def process_pooling_prompts(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None
+                                ) -> tuple[list[str | None], list[list[int]]]:
+        """(texts, token ids) of prompts to embed or classify, all validated before any is computed."""
+        if not self.is_pooling:
+            raise InvalidRequest(f"embedding and classification models take task 'embed' or 'classify'; this "
+                                 f"engine runs task {self.task!r}", param="task")
+        if not prompts:
+            raise InvalidRequest("no prompts given", param="prompt")
+        processed = [self.input_processor.process_pooling(p, truncate_prompt_tokens) for p in prompts]
+        return [text for text, _ in processed], [ids for _, ids in processed]
+
+    def embed(self, prompt_ids: Sequence[list[int]], normalize: bool | None = None,
+              use_tqdm: bool = False) -> list[list[float]]:
+        """One pooled vector per prompt, in input order."""
+        self._require_pooling("embed")
+        norm = self.pooler_config.normalize if normalize is None else normalize
+        return self._pool(prompt_ids, "embed", use_tqdm, self.pooler_config.pooling_type, bool(norm))
+
+    def classify(self, prompt_ids: Sequence[list[int]], use_tqdm: bool = False) -> list[list[float]]:
+        """Per-label probabilities per prompt, in input order."""
+        if self.task != "classify":
+            raise InvalidRequest("classify() needs LLM(task='classify') and a *ForSequenceClassification model",
+                                 param="task")
+        return self._pool(prompt_ids, "classify", use_tqdm)
+
+    def _pool(self, prompt_ids: Sequence[list[int]], kind: str, use_tqdm: bool, pooling_type: str | None = None,
+              normalize: bool = False) -> list[list[float]]:
+        results: list[list[float]] = [[] for _ in prompt_ids]
+        bar = tqdm(total=len(prompt_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            for batch in self._pack(prompt_ids):
+                rows = self.worker.pool(PoolingBatch([list(prompt_ids[i]) for i in batch], kind, pooling_type,
+                                                     normalize))
+                for i, row in zip(batch, rows):
+                    results[i] = row
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return results
+
+    def _pack(self, prompt_ids: Sequence[list[int]]) -> Iterator[list[int]]:
+        """Consecutive prompt indices whose token total fits max_num_batched_tokens."""
+        batch: list[int] = []
+        num_tokens = 0
+        for i, ids in enumerate(prompt_ids):
+            if batch and num_tokens + len(ids) > self.max_num_batched_tokens:
+                yield batch
+                batch, num_tokens = [], 0
+            batch.append(i)
+            num_tokens += len(ids)
+        if batch:
+            yield batch

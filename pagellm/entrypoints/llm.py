@@ -16,7 +16,6 @@ from pagellm.config import (
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.label_scorer import LabelScorer, score_with_engine
 from pagellm.engine.llm_engine import LLMEngine
-from pagellm.engine.pooling_engine import POOLING_TASKS, PoolingEngine
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
@@ -26,7 +25,7 @@ from pagellm.pooling_outputs import (
     EmbeddingOutput,
     EmbeddingRequestOutput,
 )
-from pagellm.pooling_params import PoolerConfig, PoolingParams
+from pagellm.pooling_params import POOLING_TASKS, PoolerConfig, PoolingParams
 from pagellm.sampling_params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -75,19 +74,9 @@ class LLM:
         device: str = "auto",
     ) -> None:
         self.task = task
-        self.llm_engine: LLMEngine | None = None
-        self.pooling_engine: PoolingEngine | None = None
-        if task in POOLING_TASKS:
-            # NOTE: encoders see each prompt once, whole: no KV cache, so the token budget only bounds
-            # activation memory and defaults higher than the decoder's.
-            self.pooling_engine = PoolingEngine(
-                ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                            device=device),
-                task, pooler_config, max_num_batched_tokens=max(max_num_batched_tokens, 8192),
-            )
-            return
-        if task != "generate":
+        if task != "generate" and task not in POOLING_TASKS:
             raise InvalidRequest(f"task must be one of generate, {', '.join(POOLING_TASKS)}; got {task!r}", "task")
+        # NOTE: one engine for every task; a pooling model has no scheduler and no KV cache
         self.llm_engine = LLMEngine(
             ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, seed=seed,
                         quantization=quantization, compile=compile, device=device),
@@ -97,15 +86,14 @@ class LLM:
                             policy=scheduling_policy,  # type: ignore[arg-type]
                             max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding),
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
+            task=task, pooler_config=pooler_config,
         )
 
     def get_tokenizer(self):
-        if self.pooling_engine is not None:
-            return self.pooling_engine.tokenizer
         return self.llm_engine.tokenizer
 
     def _require_generate(self) -> None:
-        if self.llm_engine is None:
+        if self.task != "generate":
             raise InvalidRequest(f"this LLM was built with task={self.task!r}; generate and chat need "
                                  "task='generate'", param="task")
 
@@ -239,7 +227,7 @@ class LLM:
         after one prompt (pagellm.label_prompt, with `instruction` if given) and softmaxed; probs are
         in `labels` order.
         """
-        if self.llm_engine is not None:
+        if self.task == "generate":
             return self._classify_zero_shot(prompts, labels, instruction, truncate_prompt_tokens, use_tqdm,
                                             lora_request)
         if labels is not None or instruction is not None:
@@ -272,20 +260,16 @@ class LLM:
                                             ClassificationOutput(row, list(scorer.labels)))
                 for plan, row in zip(plans, probs)]
 
-    def _require_pooling(self, method: str, tasks: tuple[str, ...]) -> PoolingEngine:
-        if self.pooling_engine is None or self.task not in tasks:
+    def _require_pooling(self, method: str, tasks: tuple[str, ...]) -> LLMEngine:
+        if self.task not in tasks:
             raise InvalidRequest(f"{method}() needs LLM(task={tasks[0]!r}); this LLM was built with "
                                  f"task={self.task!r}", param="task")
-        return self.pooling_engine
+        return self.llm_engine
 
     @staticmethod
-    def _process_pooling_prompts(engine: PoolingEngine, prompts, truncate_prompt_tokens: int | None
+    def _process_pooling_prompts(engine: LLMEngine, prompts, truncate_prompt_tokens: int | None
                                  ) -> tuple[list[str | None], list[list[int]]]:
-        prompt_list = _as_prompt_list(prompts)
-        if not prompt_list:
-            raise InvalidRequest("no prompts given", param="prompt")
-        processed = [engine.process_prompt(p, truncate_prompt_tokens) for p in prompt_list]
-        return [text for text, _ in processed], [ids for _, ids in processed]
+        return engine.process_pooling_prompts(_as_prompt_list(prompts), truncate_prompt_tokens)
 
 
 def _per_prompt(value, num_prompts: int, name: str) -> list:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.loader.model_loader import checkpoint_weights
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 from pagellm.tokenizer import load_hf_tokenizer
 
 _LAYER = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")

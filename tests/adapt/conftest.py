@@ -21,7 +21,7 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     """A 2-layer random BertModel (like all-MiniLM-L6-v2's folder, no head) with MiniLM's tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pagellm.model.loader.resolve import bundled_encoder_path
+    from pagellm.model_source import bundled_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_encoder_path()), local_files_only=True)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

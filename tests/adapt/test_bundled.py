@@ -9,7 +9,7 @@ import pytest
 from pagellm.adapt.base_model import resolve_base_model
 from pagellm.adapt.evaluate import EvaluateArgs, run_evaluate
 from pagellm.adapt.finetune import run_finetune
-from pagellm.model.loader.resolve import bundled_encoder_path, bundled_gguf_path
+from pagellm.model_source import bundled_encoder_path, bundled_gguf_path
 
 
 def test_model_aliases_and_paths(tiny_bert_dir, tiny_llama_dir):

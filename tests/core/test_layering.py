@@ -52,3 +52,62 @@ def test_core_imports_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# Each package may import only the layers below it (DESIGN.md): types <- core | model <- worker <- engine
+# <- entrypoints <- apps. "types" are pagellm's top-level modules (config, sampling_params, tokenizer, ...).
+FORBIDDEN = {
+    "types": {"core", "model", "worker", "engine", "entrypoints", "apps", "adapt"},
+    "core": {"model", "worker", "engine", "entrypoints", "apps", "adapt"},
+    "model": {"core", "worker", "engine", "entrypoints", "apps"},
+    "worker": {"engine", "entrypoints", "apps", "adapt"},
+    "engine": {"model", "entrypoints", "apps", "adapt"},  # the worker owns the model
+    "apps": {"core", "model", "worker", "engine"},  # the public surface only
+}
+PACKAGES = ("core", "model", "worker", "engine", "entrypoints", "apps", "adapt", "structured_output")
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "pagellm" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in PACKAGES else "types"
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_no_package_imports_a_layer_above_it() -> None:
+    package = REPO_ROOT / "pagellm"
+    violations = []
+    for path in sorted(package.rglob("*.py")):
+        module = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+        layer = _layer(module)
+        for imported in _imports(path):
+            if _layer(imported) in FORBIDDEN.get(layer, ()):
+                violations.append(f"{module} ({layer}) imports {imported}")
+    assert not violations, "\n".join(violations)
+
+
+def test_no_layer_reaches_through_another() -> None:
+    """The engine's internals are reached only inside pagellm/engine; the server uses AsyncLLM's methods."""
+    import re
+
+    pattern = re.compile(r"\.engine\.engine\b|\.core\.runner\b|\.core\.scheduler\b|\.call\(|\._engine\b")
+    hits = []
+    for path in sorted((REPO_ROOT / "pagellm").rglob("*.py")):
+        if path.parent.name == "engine":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                hits.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+    assert not hits, "\n".join(hits)

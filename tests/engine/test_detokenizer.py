@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagellm.engine.detokenizer import IncrementalDetokenizer
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 from pagellm.sampling_params import SamplingParams
 from pagellm.tokenizer import load_tokenizer
 

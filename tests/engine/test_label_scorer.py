@@ -52,7 +52,7 @@ def test_zero_shot_probs_equal_a_brute_force_forward_per_label(tiny_llm, hf_llam
 
 def _count_computed_tokens(llm: LLM, monkeypatch) -> list[int]:
     """Spy on the model runner: the number of tokens each engine step computes."""
-    runner = llm.llm_engine.core.runner
+    runner = llm.llm_engine.core.worker.runner
     counts: list[int] = []
     execute = runner.execute
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pagellm import LLM, InvalidRequest
+from pagellm import model_source as resolve
 from pagellm.errors import ModelNotFound
-from pagellm.model.loader import resolve
-from pagellm.model.loader.resolve import bundled_encoder_path, bundled_gguf_path
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
+from pagellm.model_source import bundled_encoder_path, bundled_gguf_path
 from pagellm.pooling_params import PoolerConfig, PoolingParams
 
 
@@ -98,10 +98,10 @@ TEXTS = ["A short one.", "Packing sequences end to end wastes no compute on padd
 
 
 def test_embed_defaults_to_bundled_minilm_mean_normalized_without_a_decoder(minilm):
-    engine = minilm.pooling_engine
+    engine = minilm.llm_engine
     assert engine.model_name == "all-MiniLM-L6-v2" and engine.pooler_config == PoolerConfig("mean", True)
     assert engine.max_model_len == 256  # sentence_bert_config.json's max_seq_length, below 512 positions
-    assert minilm.llm_engine is None  # no decoder engine, no KV cache
+    assert engine.core is None and engine.worker.runner is None  # no scheduler, no KV cache
     assert "sentence_transformers" not in sys.modules
 
 
@@ -146,7 +146,7 @@ def test_bad_inputs_raise_invalid_request(minilm, prompts, match):
 
 def test_a_bad_prompt_fails_the_call_before_any_compute(minilm, monkeypatch):
     calls = []
-    monkeypatch.setattr(minilm.pooling_engine, "_forward", lambda *a: calls.append(a))
+    monkeypatch.setattr(minilm.llm_engine.worker, "pool", lambda *a: calls.append(a))
     with pytest.raises(InvalidRequest):
         minilm.embed(["fine", ""], use_tqdm=False)
     assert not calls

@@ -80,7 +80,7 @@ def test_closing_a_stream_aborts_and_frees_kv_blocks(engine: AsyncLLM) -> None:
 
 def test_a_failed_step_fails_only_its_requests_and_the_engine_recovers(engine: AsyncLLM,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    real_step = engine.engine.step
+    real_step = engine._engine.step
     calls = {"n": 0}
 
     def flaky_step():
@@ -89,7 +89,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_recovers(engine: A
             raise RuntimeError("injected failure")
         return real_step()
 
-    monkeypatch.setattr(engine.engine, "step", flaky_step)
+    monkeypatch.setattr(engine._engine, "step", flaky_step)
 
     async def main() -> None:
         engine.start()

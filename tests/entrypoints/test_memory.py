@@ -22,20 +22,20 @@ PER_REQUEST_TYPES = (Request, RequestStream, IncrementalDetokenizer, _RequestSta
 def _per_request_tables(server: RunningServer) -> dict[str, int]:
     """Sizes of every table keyed by request id, on both threads' sides."""
     engine = server.engine
-    core = engine.engine.core
+    core = engine._engine.core
     kv = core.scheduler.kv_cache_manager
     metrics = engine.observer.__self__  # the ServerMetrics whose observe() is the engine's observer
     return {
         "async_queues": len(engine._queues),
-        "output_processor": len(engine.engine.output_processor.requests),
-        "child_to_parent": len(engine.engine.output_processor.child_to_parent),
+        "output_processor": len(engine._engine.output_processor.requests),
+        "child_to_parent": len(engine._engine.output_processor.child_to_parent),
         "scheduler": len(core.scheduler.requests),
         "prompt_logprobs_sent": len(core.scheduler._num_prompt_logprobs_sent),
         "req_to_blocks": len(kv.req_to_blocks),
         "req_to_block_hashes": len(kv.req_to_block_hashes),
         "num_cached_blocks": len(kv.num_cached_blocks),
         "pending_lookups": len(kv._pending_lookups),
-        "seeded_generators": len(core.runner.sampler._generators),
+        "seeded_generators": len(core.worker.runner.sampler._generators),
         "metrics_timings": len(metrics._timings),
     }
 
@@ -105,7 +105,7 @@ def _wait_idle(server: RunningServer, timeout: float = 30) -> None:
 def test_no_per_request_state_survives_dropped_and_finished_requests(tiny_engine_factory) -> None:
     with run_server(tiny_engine_factory(num_blocks=4096)) as server:
         base, model = server.base_url, server.engine.model_name
-        pool = server.engine.engine.core.scheduler.kv_cache_manager.block_pool
+        pool = server.engine._engine.core.scheduler.kv_cache_manager.block_pool
         asyncio.run(_mixed_round(base, model, 16, seed=0))  # warm: first-use caches and imports
         _wait_idle(server)
         tasks_before = _num_tasks(server)

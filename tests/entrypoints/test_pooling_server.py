@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pagellm import LLM
-from pagellm.entrypoints.openai.api_server import build_async_pooling
+from pagellm.entrypoints.openai.api_server import build_async_llm
 from pagellm.label_prompt import encode_label_prompt, label_token_ids
-from pagellm.model.loader.resolve import bundled_encoder_path
+from pagellm.model_source import bundled_encoder_path
 from tests.entrypoints.server_utils import RunningServer, run_server
 from tests.entrypoints.test_abort import _wait_idle
 
@@ -36,7 +36,7 @@ def _assert_400(response: httpx.Response, match: str, param: str | None = None) 
 @pytest.fixture(scope="module")
 def embed_server(tiny_llama_dir: str) -> Iterator[RunningServer]:
     """The tiny Llama as an embedding model (last-token pooling, normalized)."""
-    with run_server(build_async_pooling("embed", model=tiny_llama_dir, dtype="float32")) as server:
+    with run_server(build_async_llm(task="embed", model=tiny_llama_dir, dtype="float32")) as server:
         yield server
 
 
@@ -105,7 +105,7 @@ def test_routes_of_other_tasks_name_the_task_they_need(embed_server, tiny_server
 
 def test_pooling_runs_off_the_event_loop(embed_server, monkeypatch):
     """A forward in progress does not stop the server from answering other requests."""
-    engine = embed_server.engine.engine
+    engine = embed_server.engine._engine
     started, release = threading.Event(), threading.Event()
     embed = engine.embed
 
@@ -150,7 +150,7 @@ def tiny_bert_classifier_dir(tmp_path_factory) -> str:
 
 def test_classify_server_matches_the_offline_api(tiny_bert_classifier_dir):
     offline = LLM(tiny_bert_classifier_dir, task="classify", dtype="float32").classify(TEXTS, use_tqdm=False)
-    with run_server(build_async_pooling("classify", model=tiny_bert_classifier_dir, dtype="float32")) as server:
+    with run_server(build_async_llm(task="classify", model=tiny_bert_classifier_dir, dtype="float32")) as server:
         body = _post(server, "/classify", {"model": server.engine.model_name, "input": TEXTS}).json()
         assert body["id"].startswith("classify-") and body["object"] == "list" and body["created"] > 0
         for item, want in zip(body["data"], offline, strict=True):
@@ -181,7 +181,7 @@ def test_zero_shot_classify_on_a_generate_server(tiny_server, tiny_llm, bundled_
     prompt_lens = [len(encode_label_prompt(bundled_tokenizer, text, labels)) for text in TEXTS]
     assert body["usage"]["prompt_tokens"] == sum(prompt_lens) + len(TEXTS) * label_tokens
     # every label after the first reuses its text's prompt up to the last whole block before the label
-    block_size = tiny_server.engine.engine.cache_config.block_size
+    block_size = tiny_server.engine._engine.cache_config.block_size
     hits = tiny_server.metrics()["vllm:prefix_cache_hits_total"] - hits_before
     assert hits >= sum((len(labels) - 1) * ((n - 1) // block_size * block_size) for n in prompt_lens)
 
@@ -204,7 +204,7 @@ def test_bad_zero_shot_requests_are_400_and_the_engine_keeps_serving(tiny_server
 @pytest.mark.slow
 def test_bundled_minilm_embeddings_over_http():
     offline = LLM(task="embed", dtype="float32")
-    with run_server(build_async_pooling("embed", dtype="float32")) as server:
+    with run_server(build_async_llm(task="embed", dtype="float32")) as server:
         client = server.client(timeout=120)
         response = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)
     got = torch.tensor([d.embedding for d in response.data])

@@ -173,7 +173,7 @@ def test_two_turn_tool_exchange_renders_and_runs(tiny_server, client: openai.Ope
     from pagellm.entrypoints.openai.tools import check_tools, render_tool_messages
 
     rendered = render_tool_messages([ChatMessage(**m) for m in messages], check_tools(TOOLS, None, None), False)
-    text = tiny_server.engine.input_processor.apply_chat_template([m.model_dump(exclude_none=True) for m in rendered])
+    text = tiny_server.engine.render_chat([m.model_dump(exclude_none=True) for m in rendered])
     assert "<tools>" in text and '"get_weather"' in text and "<tool_response>\n{\"forecast\": \"sunny\"}" in text
     assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {call.function.arguments}}}' in text
 

@@ -12,7 +12,7 @@ from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import ScheduledRequest, SchedulerOutput
 from pagellm.model.loader.model_loader import load_model
 from pagellm.model.loader.peft_loader import load_lora_adapter
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.model_runner import ModelRunner
 from tests.lora.peft_utils import ALL_TARGETS, train_lora_adapter
@@ -108,7 +108,7 @@ def test_more_adapters_than_slots_evicts_lru(tiny_llama_dir, adapters, tmp_path)
     for lr, out in zip(loras, together):
         alone = llm.generate([PROMPTS[1]], GREEDY, lora_request=lr, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == alone.outputs[0].token_ids
-    assert len(llm.llm_engine.core.runner.lora.slots) == 1
+    assert len(llm.llm_engine.core.worker.runner.lora.slots) == 1
 
 
 def test_prefix_cache_is_not_shared_across_adapters(adapters, lora_llm):

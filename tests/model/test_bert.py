@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from pagellm import LLM
 from pagellm.errors import InvalidRequest
-from pagellm.model.loader.resolve import bundled_encoder_path
 from pagellm.model.models.bert import BertForSequenceClassification, BertModel
+from pagellm.model_source import bundled_encoder_path
 
 WORDS = ("the a cat dog sat on mat quickly running river mountain blue green seven eleven algorithm "
          "compute tensor paris london music quiet loud happy sad bright dark coffee tea morning night "

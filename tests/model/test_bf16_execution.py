@@ -6,7 +6,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.model.loader.model_loader import compute_dtype_for, load_model
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 
 
 def _hf_bf16_weights_in_fp32(path):

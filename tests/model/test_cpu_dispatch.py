@@ -21,7 +21,7 @@ from pagellm.model.layers import kernels
 from pagellm.model.layers.kernels import CpuFeatures
 from pagellm.model.layers.quant import QuantizedLinear
 from pagellm.model.loader.model_loader import compute_dtype_for, load_model
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 
 # What lscpu reported on the three CPU kinds this project has run on
 AVX2 = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 avx2 bmi2"
@@ -110,7 +110,7 @@ class _CountingStack:
 def test_packed_decode_runs_the_kernels_and_fused_stack_on_every_cpu_kind(cpu_kind, scheme, tiny_llama_dir,
                                                                           monkeypatch):
     llm = LLM(tiny_llama_dir, dtype="bfloat16", quantization=scheme, block_size=4, num_blocks=64)
-    runner = llm.llm_engine.core.runner
+    runner = llm.llm_engine.core.worker.runner
     assert runner.model.embed_tokens.weight.dtype == torch.float32  # activations, whatever the kind
     assert runner.fused_decode is not None, f"no fused decode stack on {cpu_kind}"
     counting = _CountingStack(runner.fused_decode)

@@ -10,9 +10,9 @@ import torch
 from pagellm.model.loader.decoder_config import DecoderConfig
 from pagellm.model.loader.hf_loader import load_config, load_hf_config
 from pagellm.model.loader.model_loader import GGUF_PACKED_KIND, _gguf_packed_weights
-from pagellm.model.loader.resolve import resolve_model
 from pagellm.model.models.llama import rope_settings
 from pagellm.model.models.registry import get_model_class
+from pagellm.model_source import resolve_model
 
 # every config attribute the model, the loaders and the engine read
 READ_ATTRS = ["architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -82,7 +82,7 @@ def test_bundled_gguf_config_reads_as_transformers_reads_it():
     source = resolve_model(None)
     config, _ = _gguf_packed_weights(source)
     assert isinstance(config, DecoderConfig)
-    from pagellm.model.loader.resolve import gguf_cache_dir
+    from pagellm.model_source import gguf_cache_dir
 
     assert_same_model_view(config, load_hf_config(gguf_cache_dir(source.path, GGUF_PACKED_KIND)))
     assert (config.hidden_size, config.num_key_value_heads, config.tie_word_embeddings) == (576, 3, True)

@@ -195,7 +195,7 @@ def _hidden_and_logits(model, n: int = 20):
 
 def _load(path, quantization):
     from pagellm.model.loader.model_loader import load_model
-    from pagellm.model.loader.resolve import resolve_model
+    from pagellm.model_source import resolve_model
 
     return load_model(resolve_model(path), torch.float32, quantization)
 
@@ -240,7 +240,7 @@ def test_q4_k_layers_load_as_int4(gguf_env):
 def test_q6_k_file_runs_int8_within_its_requantization(gguf_env):
     """An all-Q6_K file runs int8 by default; requantizing to one scale per row costs ~1% of the logits."""
     from pagellm.model.loader.model_loader import resolve_quantization
-    from pagellm.model.loader.resolve import resolve_model
+    from pagellm.model_source import resolve_model
 
     path = _write_tiny_gguf(gguf_env / "q6k.gguf", {**dict.fromkeys(_SHAPES, "Q6_K"), "output": "Q6_K"}, seed=1)
     assert resolve_quantization(resolve_model(path), "auto", "auto") == "int8"
@@ -261,7 +261,7 @@ def test_q4_k_m_file_runs_packed_by_default(gguf_env, tiny_llama_dir):
 
     path = _write_tiny_gguf(gguf_env / "q4km.gguf", Q4_K_M, seed=2)
     llm = LLM(path, tokenizer=tiny_llama_dir, num_blocks=32, block_size=4)
-    model = llm.llm_engine.model
+    model = llm.llm_engine.worker.model
     assert model.quantization == "int4"
     linears = _layer_linears(model)
     wide = ("lm_head", "qkv_proj", "down_proj")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
-from pagellm.model.loader.resolve import bundled_gguf_path
+from pagellm.model_source import bundled_gguf_path
 
 PLAIN = ["Once upon a time", "The three primary colors are", "def fibonacci(n):"]
 CHAT = ["What is the capital of France?", "Give me three tips for sleeping better.", "写一首关于月亮的短诗。"]
@@ -71,7 +71,7 @@ def test_default_engine_answers_the_same_on_every_cpu_kind(monkeypatch):
     for kind, flags in kinds.items():
         monkeypatch.setattr(kernels, "cpu_features", lambda flags=flags: kernels.CpuFeatures.from_flags(flags))
         llm = LLM(max_model_len=512)
-        assert llm.llm_engine.core.runner.fused_decode is not None, kind
+        assert llm.llm_engine.core.worker.runner.fused_decode is not None, kind
         outs = llm.generate(PLAIN, params, use_tqdm=False)
         outs += llm.chat([[{"role": "user", "content": c}] for c in CHAT], params, use_tqdm=False)
         answers[kind] = [o.outputs[0].token_ids for o in outs]

@@ -8,7 +8,7 @@ import torch
 from pagellm import LLM, SamplingParams
 from pagellm.core.sched_output import ScheduledRequest, SchedulerOutput
 from pagellm.model.loader.model_loader import load_model
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 from pagellm.worker.input_batch import build_inputs
 from pagellm.worker.model_runner import ModelRunner
 

@@ -70,7 +70,7 @@ def test_decoder_embeddings_are_the_normalized_last_hidden_state(tiny_llama_dir)
     from transformers import AutoModel, AutoTokenizer
 
     llm = LLM(tiny_llama_dir, task="embed", dtype="float32")
-    assert llm.pooling_engine.pooler_config.pooling_type == "last" and llm.llm_engine is None
+    assert llm.llm_engine.pooler_config.pooling_type == "last" and llm.llm_engine.core is None
     mine = torch.tensor([o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)])
     hf = AutoModel.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

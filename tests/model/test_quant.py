@@ -177,7 +177,7 @@ def test_quantized_model_matches_transformers_on_its_dequantized_weights(scheme,
     """Prefill logits of a quantized tiny model equal transformers run on the same dequantized weights."""
     from pagellm.model.layers.attention import packed_causal_metadata
     from pagellm.model.loader.model_loader import load_model
-    from pagellm.model.loader.resolve import resolve_model
+    from pagellm.model_source import resolve_model
 
     monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # the same weights, not the int8 activations
     path = request.getfixturevalue(fixture)
@@ -205,7 +205,7 @@ def test_quantized_engine_greedy_equals_transformers_on_dequantized_weights(sche
     monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # the same weights, not the int8 activations
 
     llm = LLM(tiny_llama_dir, dtype="float32", quantization=scheme, num_blocks=64, block_size=4)
-    model = llm.llm_engine.model
+    model = llm.llm_engine.worker.model
     assert model.quantization == scheme
     ref = _reference_on_dequantized(tiny_llama_dir, model)
     tok = llm.get_tokenizer()

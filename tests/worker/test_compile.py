@@ -21,7 +21,7 @@ def test_compiled_decode_equals_eager(tiny_llama_dir, quantization, monkeypatch)
     kwargs = dict(dtype="float32", quantization=quantization, num_blocks=128, block_size=4, max_num_seqs=4)
     eager = LLM(tiny_llama_dir, **kwargs)
     compiled = LLM(tiny_llama_dir, compile=True, **kwargs)
-    runner = compiled.llm_engine.core.runner
+    runner = compiled.llm_engine.core.worker.runner
     assert runner.compiled_decode is not None
     calls = []
     graph = runner.compiled_decode

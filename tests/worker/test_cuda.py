@@ -12,7 +12,7 @@ import torch
 from pagellm import LLM, InvalidRequest, SamplingParams
 from pagellm.config import ModelConfig
 from pagellm.model.loader.model_loader import resolve_device, resolve_quantization
-from pagellm.model.loader.resolve import ModelSource
+from pagellm.model_source import ModelSource
 from tests.tiny_models import llama_config, qwen2_config, save_causal_lm
 
 HAS_CUDA = torch.cuda.is_available()
@@ -70,7 +70,7 @@ def test_auto_device_follows_cuda_availability():
 
 def test_auto_keeps_cpu_only_features_on_the_cpu(monkeypatch):
     from pagellm.config import LoRAConfig
-    from pagellm.engine.llm_engine import _pick_device
+    from pagellm.worker.worker import pick_device as _pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only torch.device objects are made
     assert _pick_device(ModelConfig(), None) == torch.device("cuda")
@@ -85,8 +85,8 @@ def test_auto_keeps_cpu_only_features_on_the_cpu(monkeypatch):
 
 def test_explicit_cpu_runs_as_before(llama_dir):
     llm = _llm(llama_dir, "cpu")
-    runner = llm.llm_engine.core.runner
-    assert llm.llm_engine.device == torch.device("cpu") and runner.input_device is None
+    runner = llm.llm_engine.core.worker.runner
+    assert llm.llm_engine.worker.device == torch.device("cpu") and runner.input_device is None
     assert all(k.device.type == "cpu" for k, _ in runner.kv_caches)
     assert _tokens(llm) == _tokens(_llm(llama_dir, "auto" if not HAS_CUDA else "cpu", max_num_batched_tokens=16))
 
@@ -139,10 +139,10 @@ def _hf_greedy(path: str, prompts, max_new: int, dtype=torch.float32, device="cu
 def test_cuda_greedy_batch_equals_transformers(fixture, request):
     path = request.getfixturevalue(fixture)
     llm = _llm(path, "cuda")
-    runner = llm.llm_engine.core.runner
+    runner = llm.llm_engine.core.worker.runner
     assert runner.fused_decode is None and runner.compiled_decode is None
     assert all(k.is_cuda and v.is_cuda for k, v in runner.kv_caches)
-    assert all(p.is_cuda for p in llm.llm_engine.model.parameters())
+    assert all(p.is_cuda for p in llm.llm_engine.worker.model.parameters())
     assert _tokens(llm) == _hf_greedy(path, PROMPTS, GREEDY.max_tokens)
 
 
@@ -179,7 +179,7 @@ def test_cuda_preempted_equals_roomy(llama_dir):
 @gpu
 def test_cuda_bf16_default_dtype_runs(llama_dir):
     llm = LLM(llama_dir, device="cuda", block_size=16)
-    assert llm.llm_engine.model.embed_tokens.weight.dtype == torch.bfloat16  # auto: bf16 computed in bf16
+    assert llm.llm_engine.worker.model.embed_tokens.weight.dtype == torch.bfloat16  # auto: bf16 computed in bf16
     tokens = _tokens(llm)
     assert [len(t) for t in tokens] == [GREEDY.max_tokens] * len(PROMPTS)
     ref = _hf_greedy(llama_dir, PROMPTS, GREEDY.max_tokens, dtype=torch.bfloat16)
@@ -236,8 +236,8 @@ def test_cuda_bert_encoder_equals_transformers(tmp_path):
 
     from pagellm.model.loader.hf_loader import load_hf_config
     from pagellm.model.loader.model_loader import load_encoder
-    from pagellm.model.loader.resolve import resolve_model
     from pagellm.model.models.registry import get_pooling_model_class
+    from pagellm.model_source import resolve_model
 
     config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128)

@@ -10,7 +10,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.model.layers import kernels
 from pagellm.model.layers.kernels import CpuFeatures, load_kernel
 from pagellm.model.loader.model_loader import load_model
-from pagellm.model.loader.resolve import resolve_model
+from pagellm.model_source import resolve_model
 
 pytestmark = pytest.mark.skipif(load_kernel() is None, reason="C++ kernels unavailable (no compiler)")
 
@@ -101,11 +101,11 @@ def test_engine_greedy_and_logprobs_are_the_same_with_the_fused_stack(quantizati
     monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # int8 activations would amplify float rounding
     monkeypatch.setenv("PAGELLM_FUSED_DECODE", "0")
     eager = LLM(tiny_llama_dir, **kwargs)
-    assert eager.llm_engine.core.runner.fused_decode is None
+    assert eager.llm_engine.core.worker.runner.fused_decode is None
     a = eager.generate(prompts, params, use_tqdm=False)
     monkeypatch.delenv("PAGELLM_FUSED_DECODE")
     fused = LLM(tiny_llama_dir, **kwargs)
-    assert fused.llm_engine.core.runner.fused_decode is not None
+    assert fused.llm_engine.core.worker.runner.fused_decode is not None
     b = fused.generate(prompts, params, use_tqdm=False)
     for x, y in zip(a, b):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
@@ -121,10 +121,10 @@ def test_no_fused_stack_with_lora_a_float16_cache_or_without_kernels(tiny_llama_
     model.kernel_plan = kernels.TORCH_PATHS  # no C++ kernels
     assert model.fused_decoder(_caches(model, 2, 4, torch.float32, seed=0)) is None
     llm = LLM(tiny_llama_dir, dtype="float32", enable_lora=True, num_blocks=16, block_size=4)
-    runner = llm.llm_engine.core.runner
+    runner = llm.llm_engine.core.worker.runner
     assert isinstance(runner, ModelRunner) and runner.fused_decode is None
     # a float16 KV cache has no stack kernel: the engine runs layer by layer and still generates
     llm = LLM(tiny_llama_dir, dtype="float32", kv_cache_dtype="float16", num_blocks=16, block_size=4)
-    assert llm.llm_engine.core.runner.fused_decode is None
+    assert llm.llm_engine.core.worker.runner.fused_decode is None
     out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3

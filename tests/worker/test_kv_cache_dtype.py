@@ -12,8 +12,8 @@ def test_bf16_cache_under_float32_activations(tiny_llama_dir):
     kwargs = dict(dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=8)  # chunked prefill
     full = LLM(tiny_llama_dir, **kwargs)
     half = LLM(tiny_llama_dir, kv_cache_dtype="bfloat16", **kwargs)
-    k_cache, _ = half.llm_engine.core.runner.kv_caches[0]
-    assert k_cache.dtype == torch.bfloat16 and half.llm_engine.compute_dtype == torch.float32
+    k_cache, _ = half.llm_engine.core.worker.runner.kv_caches[0]
+    assert k_cache.dtype == torch.bfloat16 and half.llm_engine.info.compute_dtype == "float32"
     prompts = ["Once upon a time there was a", "The capital of France is the city of"]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     a = full.generate(prompts, params, use_tqdm=False)

@@ -338,7 +338,7 @@ def test_seeded_generators_go_when_the_engine_goes_idle(tiny_llm):
     from pagellm.entrypoints.llm import LLM
 
     assert isinstance(tiny_llm, LLM)
-    runner = tiny_llm.llm_engine.core.runner
+    runner = tiny_llm.llm_engine.core.worker.runner
     params = SamplingParams(temperature=1.0, seed=7, max_tokens=4, ignore_eos=True)
     tiny_llm.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
     assert runner.sampler._generators == {}

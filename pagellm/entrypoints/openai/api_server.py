@@ -19,8 +19,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 import pagellm
-from pagellm.engine.async_llm import AsyncLLM, EngineStats
-from pagellm.engine.pooling_engine import AsyncPoolingEngine
+from pagellm.engine.async_llm import AsyncLLM
 from pagellm.entrypoints.openai.errors import APIError, install_error_handlers
 from pagellm.entrypoints.openai.http_protocol import PagellmH11Protocol
 from pagellm.entrypoints.openai.metrics import ServerMetrics
@@ -106,24 +105,24 @@ def _respond(result: Any) -> Response:
     return _json(result)
 
 
-def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[str] | None = None,
+def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None,
               api_key: str | None = None, max_waiting_requests: int = 256, max_request_body_bytes: int = 8 << 20,
               state: ServerState | None = None, lora_modules: list[tuple[str, str]] | None = None,
               max_header_bytes: int = 64 << 10, default_max_tokens: int | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts the engine and stops it on shutdown. Serve it with server_config().
 
-    An AsyncLLM serves generation (and zero-shot /classify), an AsyncPoolingEngine /v1/embeddings or /classify.
+    An AsyncLLM of task generate serves generation (and zero-shot /classify); of task embed or classify,
+    /v1/embeddings or /classify.
     default_max_tokens: tokens to generate when a request sets no limit (None: up to the context window).
     """
     names = list(served_model_names or [engine.model_name])
     state = state or ServerState()
-    if isinstance(engine, AsyncLLM):
-        metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting)
-        engine.observer = metrics.observe
-    else:
-        metrics = ServerMetrics(names[0], EngineStats, lambda: engine.num_waiting)  # no scheduler: zero gauges
+    # NOTE: a pooling model has no scheduler: its stats stay zero
+    metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting)
+    engine.observer = metrics.observe
+    generate = engine.task == "generate"
 
-    loras = LoRAModels(engine, names) if isinstance(engine, AsyncLLM) else None
+    loras = LoRAModels(engine, names) if generate else None
     if lora_modules and (loras is None or not loras.enabled):
         raise ValueError("--lora-modules needs a generate model built with LoRA enabled")
 
@@ -164,7 +163,7 @@ def build_app(engine: AsyncLLM | AsyncPoolingEngine, served_model_names: list[st
     async def get_metrics() -> Response:
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
-    if isinstance(engine, AsyncLLM):
+    if generate:
         _add_generate_routes(app, engine, names, max_waiting_requests, state, loras, default_max_tokens)
     else:
         _add_pooling_routes(app, engine, names, max_waiting_requests, state)
@@ -213,8 +212,8 @@ def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_w
 
     @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
-        root = str(engine.engine.source.path) if hasattr(engine.engine, "source") else None
-        return _model_list(names, root, completion.context_limit, loras.cards(completion.context_limit))
+        info = engine.model_info()
+        return _model_list(names, info.root, info.context_limit, loras.cards(info.context_limit))
 
     @app.post("/v1/completions", responses=json_or_stream(CompletionResponse, CompletionResponse, 400, 503))
     async def completions(req: CompletionRequest, raw: Request) -> Response:
@@ -249,13 +248,14 @@ def _add_generate_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_w
     _add_unsupported(app, ["/v1/embeddings"], "generate", "embed")
 
 
-def _add_pooling_routes(app: FastAPI, engine: AsyncPoolingEngine, names: list[str], max_waiting_requests: int,
+def _add_pooling_routes(app: FastAPI, engine: AsyncLLM, names: list[str], max_waiting_requests: int,
                         state: ServerState) -> None:
     pooling = OpenAIServingPooling(engine, names, max_waiting_requests, state)
 
     @app.get("/v1/models", responses=json_ok(ModelList))
     async def models() -> Response:
-        return _model_list(names, str(engine.engine.source.path), engine.engine.max_model_len)
+        info = engine.model_info()
+        return _model_list(names, info.root, info.context_limit)
 
     @app.post("/v1/embeddings", responses=json_ok(EmbeddingResponse, 400, 503))
     async def embeddings(req: EmbeddingRequest, raw: Request) -> Response:
@@ -269,17 +269,10 @@ def _add_pooling_routes(app: FastAPI, engine: AsyncPoolingEngine, names: list[st
 
 
 def build_async_llm(**engine_kwargs: Any) -> AsyncLLM:
-    """An AsyncLLM over LLM(**engine_kwargs)'s engine, loaded on the thread that will step it."""
+    """An AsyncLLM over LLM(**engine_kwargs)'s engine (any task), loaded on the thread that will step it."""
     from pagellm.entrypoints.llm import LLM
 
     return AsyncLLM.build(lambda: LLM(**engine_kwargs).llm_engine)
-
-
-def build_async_pooling(task: str, **engine_kwargs: Any) -> AsyncPoolingEngine:
-    """An AsyncPoolingEngine over LLM(task=task, **engine_kwargs)'s pooling engine, loaded on its worker thread."""
-    from pagellm.entrypoints.llm import LLM
-
-    return AsyncPoolingEngine.build(lambda: LLM(task=task, **engine_kwargs).pooling_engine)
 
 
 class GracefulServer(uvicorn.Server):
@@ -303,11 +296,7 @@ def run_server(args: argparse.Namespace) -> int:
     from pagellm.entrypoints.cli import engine_kwargs
 
     logging.getLogger("pagellm").setLevel(logging.INFO)
-    task = getattr(args, "task", "generate")
-    if task == "generate":
-        engine: AsyncLLM | AsyncPoolingEngine = build_async_llm(**engine_kwargs(args))
-    else:
-        engine = build_async_pooling(task, **engine_kwargs(args))
+    engine = build_async_llm(task=getattr(args, "task", "generate"), **engine_kwargs(args))
     state = ServerState()
     app = build_app(engine, served_model_names=args.served_model_name, api_key=args.api_key,
                     max_waiting_requests=args.max_waiting_requests,

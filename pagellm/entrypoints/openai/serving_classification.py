@@ -31,9 +31,9 @@ class OpenAIServingZeroShotClassification(OpenAIServing):
             raise InvalidRequest("zero-shot classification takes texts, not token ids: each text goes inside "
                                  "the label prompt", param="input")
         scorer = LabelScorer(self.tokenizer, labels, instruction)
-        plans = scorer.plans(texts, self.engine.input_processor.check_token_ids)  # type: ignore[arg-type]
+        plans = scorer.plans(texts, self.engine.check_prompt)
         # NOTE: at most max_num_seqs texts are in flight (label_scorer), each with one request per label.
-        max_num_seqs = self.engine.engine.scheduler_config.max_num_seqs
+        max_num_seqs = self.engine.model_info().max_num_seqs
         self.check_admission(min(len(plans), max_num_seqs) * len(scorer.labels))
         request_id = new_request_id("classify")
         probs = await score_with_async_engine(self.engine, plans, request_id, lora)

@@ -52,10 +52,14 @@ class OpenAIServingCompletion(OpenAIServing):
 
         request_id = new_request_id("cmpl")
         arrival = time.monotonic()
-        streams = [
-            self.add_request(f"{request_id}-{i}", prompt, params, req.priority, arrival, lora)
-            for i, prompt in enumerate(prompts)
-        ]
+        streams: list[RequestStream] = []
+        try:  # all or nothing: a prompt the engine refuses (InvalidRequest) aborts those added before it
+            for i, prompt in enumerate(prompts):
+                streams.append(self.add_request(f"{request_id}-{i}", prompt, params, req.priority, arrival, lora))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
         if req.stream:
             return self._stream(req, request_id, prompts, params, streams)
         finals: list[RequestOutput | None] = [None] * len(prompts)

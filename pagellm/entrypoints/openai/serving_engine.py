@@ -63,7 +63,7 @@ class ServerState:
 
 
 class Admission(Protocol):
-    """What the admission policy reads of an engine (AsyncLLM or AsyncPoolingEngine)."""
+    """What the admission policy reads of an engine."""
 
     @property
     def is_running(self) -> bool: ...
@@ -120,14 +120,14 @@ class OpenAIServing(ServingBase):
         self.default_max_tokens = default_max_tokens
         self.tokenizer = engine.tokenizer
         self.token_str = token_strings or TokenStrings(engine.tokenizer)
-        processor = engine.input_processor
         # The KV pool may hold fewer tokens than max_model_len; the smaller is the real window.
-        self.context_limit = min(processor.max_model_len, processor.max_tokens_in_pool)
+        self.context_limit = engine.model_info().context_limit
 
     def check_fits(self, prompt: EnginePrompt, params: SamplingParams) -> None:
-        """The prompt and max_tokens must fit the context window (OpenAI and vLLM reject, not clamp)."""
-        self.engine.input_processor.check_token_ids(prompt.token_ids, params)
-        if params.max_tokens is not None and len(prompt.token_ids) + params.max_tokens > self.context_limit:
+        """max_tokens must fit the context window beside the prompt (OpenAI and vLLM reject, not clamp; the
+        engine validates the prompt itself when the request is added)."""
+        num_prompt = len(prompt.token_ids)
+        if params.max_tokens is not None and num_prompt < self.context_limit < num_prompt + params.max_tokens:
             raise InvalidRequest(
                 f"this model's maximum context length is {self.context_limit} tokens; the request asks for "
                 f"{len(prompt.token_ids) + params.max_tokens} ({len(prompt.token_ids)} in the prompt, "
@@ -176,7 +176,7 @@ class OpenAIServing(ServingBase):
             raise InvalidRequest(str(exc)) from exc
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.engine.input_processor.tokenize(text, add_special_tokens=add_special_tokens)
+        return self.engine.tokenize(text, add_special_tokens=add_special_tokens)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                     continue_final_message: bool = False,
@@ -205,8 +205,7 @@ class OpenAIServing(ServingBase):
         conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
         if continue_final_message:
             kwargs["continue_final_message"] = True
-        text = self.engine.input_processor.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = self.engine.render_chat(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
         return EnginePrompt(text, self.tokenize_text(text, add_special_tokens=False))
 
     def with_default_max_tokens(self, prompt: EnginePrompt, params: SamplingParams) -> SamplingParams:

@@ -48,7 +48,7 @@ class LoRAModels:
 
     @property
     def enabled(self) -> bool:
-        return getattr(self.engine.engine, "lora_config", None) is not None
+        return self.engine.model_info().lora_enabled
 
     async def load(self, name: str, path: str) -> LoRARequest:
         if not self.enabled:
@@ -60,11 +60,8 @@ class LoRAModels:
             if name in self.by_name or name in self.base_names:
                 raise InvalidRequest(f"The lora adapter {name!r} has already been loaded.", param="lora_name")
             lora = LoRARequest(name, next(self._ids), path)
-            def add(engine) -> dict | None:  # reads and checks the files; the task names a classifier's labels
-                engine.add_lora(lora)
-                return engine.lora_adapter_task(lora.lora_int_id)
-
-            self.tasks[name] = await self.engine.call(add)
+            # reads and checks the files; the task names a classifier's labels
+            self.tasks[name] = await self.engine.add_lora(lora)
             self.by_name[name] = lora
             return lora
 
@@ -74,7 +71,7 @@ class LoRAModels:
             if lora is None:
                 raise APIError(404, f"The lora adapter {name!r} cannot be found.", param="lora_name",
                                code="lora_not_found")
-            await self.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
+            await self.engine.remove_lora(lora.lora_int_id)
             del self.by_name[name]
             self.tasks.pop(name, None)
 

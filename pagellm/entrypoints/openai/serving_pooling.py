@@ -6,7 +6,7 @@ import base64
 import struct
 from collections.abc import Sequence
 
-from pagellm.engine.pooling_engine import AsyncPoolingEngine, PoolingEngine
+from pagellm.engine.async_llm import AsyncLLM
 from pagellm.entrypoints.openai.errors import APIError
 from pagellm.entrypoints.openai.protocol import (
     ClassificationData,
@@ -51,9 +51,10 @@ def classification_data(probs: Sequence[list[float]], labels: list[str]) -> list
 
 
 class OpenAIServingPooling(ServingBase):
-    """Embeddings and classification over one AsyncPoolingEngine (an encoder or a decoder without KV cache)."""
+    """Embeddings and classification over an AsyncLLM of task embed or classify (an encoder, or a decoder
+    without KV cache)."""
 
-    engine: AsyncPoolingEngine
+    engine: AsyncLLM
 
     def _check_task(self, task: str, route: str) -> None:
         if self.engine.task != task:
@@ -63,19 +64,13 @@ class OpenAIServingPooling(ServingBase):
     async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
         self.check_model(req.model)
         self._check_task("embed", "/v1/embeddings")
-        hidden_size = self.engine.engine.hidden_size
+        hidden_size = self.engine.model_info().hidden_size
         if req.dimensions is not None and req.dimensions != hidden_size:
             raise InvalidRequest(f"dimensions {req.dimensions} is not supported: this model's embeddings have "
                                  f"{hidden_size} dimensions (no Matryoshka truncation)", param="dimensions")
         prompts = pooling_prompts(req.input)
         self.check_admission()
-        truncate = req.truncate_prompt_tokens
-
-        def work(engine: PoolingEngine) -> tuple[list[list[int]], list[list[float]]]:
-            ids = [engine.process_prompt(prompt, truncate)[1] for prompt in prompts]  # all valid before any compute
-            return ids, engine.embed(ids)
-
-        ids, vectors = await self.engine.run(work)
+        ids, vectors = await self.engine.encode(prompts, req.truncate_prompt_tokens)
         num_tokens = sum(len(x) for x in ids)
         data = [EmbeddingData(index=i, embedding=encode_embedding(vector, req.encoding_format))
                 for i, vector in enumerate(vectors)]
@@ -90,14 +85,8 @@ class OpenAIServingPooling(ServingBase):
                                  "this classification model has its own labels", param="labels")
         prompts = pooling_prompts(req.input)
         self.check_admission()
-        truncate = req.truncate_prompt_tokens
-
-        def work(engine: PoolingEngine) -> tuple[list[list[int]], list[list[float]]]:
-            ids = [engine.process_prompt(prompt, truncate)[1] for prompt in prompts]
-            return ids, engine.classify(ids)
-
-        ids, probs = await self.engine.run(work)
+        ids, probs = await self.engine.encode(prompts, req.truncate_prompt_tokens)
         num_tokens = sum(len(x) for x in ids)
         return ClassificationResponse(id=new_request_id("classify"), model=self.model_name,
-                                      data=classification_data(probs, self.engine.engine.labels),
+                                      data=classification_data(probs, list(self.engine.model_info().labels)),
                                       usage=PoolingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))

@@ -44,7 +44,7 @@ class OpenAIServingTokenization(OpenAIServing):
 
     def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
-        vocab_size = self.engine.input_processor.vocab_size
+        vocab_size = self.engine.model_info().vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab_size]
         if bad:
             raise InvalidRequest(f"token ids must be in [0, {vocab_size}), got {bad[:5]}", param="tokens")

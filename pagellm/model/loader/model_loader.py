@@ -16,8 +16,8 @@ from pagellm.model.layers.linear import pack_linears
 from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint, packed_scheme
 from pagellm.model.loader.hf_loader import iter_safetensors, load_config
-from pagellm.model.loader.resolve import ModelSource, gguf_cache_dir
 from pagellm.model.models.registry import get_model_class
+from pagellm.model_source import ModelSource, gguf_cache_dir
 
 logger = logging.getLogger(__name__)
 

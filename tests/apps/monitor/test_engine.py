@@ -21,7 +21,7 @@ def sentiment_dir(tmp_path_factory) -> str:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pagellm.adapt.finetune import FinetuneArgs, run_finetune
-    from pagellm.model.loader.resolve import bundled_encoder_path
+    from pagellm.model_source import bundled_encoder_path
 
     base = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_encoder_path()), local_files_only=True)
