@@ -3,7 +3,7 @@
     python benchmarks/before_after.py --before /path/to/old/checkout [--rounds 2]
 
 Each measurement is a fresh process running this checkout's benchmark code (latency.py for W1: batch 1, 256
-in, 128 out, the bundled GGUF's int4 path; throughput.py for W2: 64 x 256 in, 128 out, bf16) with `pagellm`
+in, 128 out, the bundled GGUF's int4 path; throughput.py for W2: 64 x 256 in, 128 out, bf16 and int4) with `pagellm`
 imported from one tree or the other. Rounds alternate before/after so slow drift of a shared machine hits both;
 the best of the rounds is compared. Each tree gets its own C++ kernel build folder (the first run builds it).
 """
@@ -26,6 +26,7 @@ WORKLOADS = {  # name -> (script, child arguments, the result's key, higher is b
     "W1_int4_decode_tok_s": ("latency.py", ["--engine", "pagellm:int4", "--dtype", "auto"], "decode_tok_s"),
     "W1_int4_ttft_s": ("latency.py", ["--engine", "pagellm:int4", "--dtype", "auto"], "ttft_s"),
     "W2_bf16_output_tok_s": ("throughput.py", ["--engine", "pagellm", "--dtype", "bfloat16"], "output_tok_s"),
+    "W2_int4_output_tok_s": ("throughput.py", ["--engine", "pagellm:int4", "--dtype", "auto"], "output_tok_s"),
 }
 
 
@@ -47,24 +48,25 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     trees = {"before": Path(args.before).resolve(), "after": AFTER}
-    runs: dict[str, dict[str, list[dict]]] = {"latency.py": {"before": [], "after": []},
-                                             "throughput.py": {"before": [], "after": []}}
+    runs: dict[str, dict[str, list[dict]]] = {name: {"before": [], "after": []} for name in WORKLOADS
+                                             if not name.endswith("ttft_s")}
     loads = [load_average()]
     for round_ in range(args.rounds):
         order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
-        for script, child_args in (("latency.py", WORKLOADS["W1_int4_decode_tok_s"][1]),
-                                   ("throughput.py", WORKLOADS["W2_bf16_output_tok_s"][1])):
+        for workload in runs:
+            script, child_args, _ = WORKLOADS[workload]
             for name in order:
-                runs[script][name].append(run(trees[name], script, child_args))
-                print(f"round {round_} {script} {name}: {runs[script][name][-1]}", file=sys.stderr)
+                runs[workload][name].append(run(trees[name], script, child_args))
+                print(f"round {round_} {workload} {name}: {runs[workload][name][-1]}", file=sys.stderr)
         loads.append(load_average())
     result: dict = {"before": str(trees["before"]), "after": str(trees["after"]), "rounds": args.rounds,
                     "load_average": loads, "runs": runs, "compare": {}}
-    for workload, (script, _, key) in WORKLOADS.items():
+    for workload, (_, _, key) in WORKLOADS.items():
         lower_is_better = key.endswith("_s") and not key.endswith("tok_s")
         pick = min if lower_is_better else max
-        before = pick(r[key] for r in runs[script]["before"])
-        after = pick(r[key] for r in runs[script]["after"])
+        source = runs["W1_int4_decode_tok_s"] if workload == "W1_int4_ttft_s" else runs[workload]
+        before = pick(r[key] for r in source["before"])
+        after = pick(r[key] for r in source["after"])
         result["compare"][workload] = {"before": before, "after": after,
                                        "after_over_before": after / before}
     write_result("before_after", result, args.out)

@@ -99,3 +99,67 @@ class LoRAConfig:
             raise ValueError(f"max_loras must be > 0, got {self.max_loras}")
         if self.max_lora_rank <= 0:
             raise ValueError(f"max_lora_rank must be > 0, got {self.max_lora_rank}")
+
+
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's field names): propose tokens cheaply, verify them in one target step.
+
+    ngram: prompt lookup over the request's own prompt and output, the longest suffix n-gram of length
+    prompt_lookup_min..prompt_lookup_max that occurred before proposes the tokens that followed it.
+    A request whose acceptance rate over its last `acceptance_window` proposed tokens falls below
+    `min_acceptance_rate` stops proposing, so speculation never makes a workload much slower.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    model: str | None = None  # draft_model: the draft's HF folder or .gguf file
+    min_acceptance_rate: float = 0.2
+    acceptance_window: int = 32
+
+    def __post_init__(self) -> None:
+        def bad(message: str, field: str) -> InvalidRequest:
+            return InvalidRequest(f"speculative_config: {message}", param=f"speculative_config.{field}")
+
+        if self.method not in SPEC_METHODS:
+            raise bad(f"method must be one of {', '.join(SPEC_METHODS)}; got {self.method!r}", "method")
+        if self.method == "draft_model":
+            raise bad("method 'draft_model' is not implemented yet; use 'ngram'", "method")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 16:
+            raise bad(f"num_speculative_tokens must be in [1, 16]; got {self.num_speculative_tokens!r}",
+                      "num_speculative_tokens")
+        if not (isinstance(self.prompt_lookup_min, int) and isinstance(self.prompt_lookup_max, int)
+                and 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 32):
+            raise bad("need 1 <= prompt_lookup_min <= prompt_lookup_max <= 32; got "
+                      f"{self.prompt_lookup_min!r}, {self.prompt_lookup_max!r}", "prompt_lookup_min")
+        if not 0.0 <= self.min_acceptance_rate < 1.0:
+            raise bad(f"min_acceptance_rate must be in [0, 1); got {self.min_acceptance_rate!r}", "min_acceptance_rate")
+        if self.acceptance_window < 1:
+            raise bad(f"acceptance_window must be >= 1; got {self.acceptance_window!r}", "acceptance_window")
+
+    @classmethod
+    def from_dict(cls, spec: dict | str | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """None, a SpeculativeConfig, a dict, or its JSON text (the CLI's --speculative-config)."""
+        import json
+
+        if spec is None or isinstance(spec, SpeculativeConfig):
+            return spec
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except ValueError as exc:
+                raise InvalidRequest(f"speculative_config is not valid JSON: {exc}",
+                                     param="speculative_config") from exc
+        if not isinstance(spec, dict):
+            raise InvalidRequest("speculative_config must be an object", param="speculative_config")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise InvalidRequest(f"speculative_config: unknown fields {unknown}; known: {sorted(known)}",
+                                 param="speculative_config")
+        return cls(**spec)

@@ -21,6 +21,10 @@ class ModelRunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # only for sample=True requests
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # Speculative decoding: the tokens emitted after sampled_token_ids[req] in the same step (the accepted
+    # proposals' successors; empty when the first proposal was rejected), and their logprobs
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # Prompt logprobs of the positions computed this step (position p holds the logprob of
     # token p+1 given tokens <= p); the first prompt token has none.
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)

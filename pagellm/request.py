@@ -68,6 +68,9 @@ class Request:
         # The grammar of a constrained request (pagellm.structured_output.manager.GrammarState), set by the
         # engine; core only calls is_ready / accept_token / is_terminated on it and never imports xgrammar.
         self.structured_output = None
+        # Speculative decoding: the tokens proposed for this step (verified by the target model, never part of
+        # all_token_ids until accepted), and the acceptance of this request's recent proposals.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -160,6 +160,18 @@ class KVCacheManager:
         if request.is_finished:
             self.req_to_block_hashes.pop(request.req_id, None)
 
+    def trim(self, request: Request) -> None:
+        """Free the blocks past the request's computed tokens (written by rejected proposals, never cached)."""
+        table = self.req_to_blocks.get(request.req_id)
+        if not table:
+            return
+        keep = cdiv(request.num_computed_tokens, self.block_size)
+        if len(table) > keep:
+            assert self.num_cached_blocks.get(request.req_id, 0) <= keep, "a cached block would be freed"
+            extra = table[keep:]
+            del table[keep:]
+            self.block_pool.free_blocks(reversed(extra))
+
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()
 

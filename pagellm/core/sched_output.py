@@ -26,6 +26,9 @@ class ScheduledRequest:
     num_prompt_tokens: int
     eos_token_id: int | None = None  # masked while fewer than min_tokens are generated
     lora_id: int = 0
+    # Speculative decoding: the proposed tokens at the end of token_ids; the worker verifies them and
+    # returns the tokens it accepts (ModelRunnerOutput.spec_token_ids)
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -181,18 +181,22 @@ class Scheduler:
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
             start = request.num_computed_tokens
+            num_spec = max(0, start + num_tokens - request.num_tokens)
+            request.spec_token_ids = request.spec_token_ids[:num_spec]
+            token_ids = request.all_token_ids[start : start + num_tokens - num_spec] + request.spec_token_ids
             scheduled.append(
                 ScheduledRequest(
                     req_id=req_id,
-                    token_ids=request.all_token_ids[start : start + num_tokens],
+                    token_ids=token_ids,
                     num_computed_tokens=start,
                     block_ids=self.kv_cache_manager.get_block_ids(req_id),
-                    sample=start + num_tokens == request.num_tokens,
+                    sample=start + num_tokens >= request.num_tokens,
                     sampling_params=request.sampling_params,
                     all_token_ids=request.all_token_ids,
                     num_prompt_tokens=request.num_prompt_tokens,
                     eos_token_id=request.eos_token_id,
                     lora_id=request.lora_id,
+                    spec_token_ids=request.spec_token_ids,
                 )
             )
             # NOTE: advanced only now, after every preemption decision of this step, so that
@@ -215,8 +219,11 @@ class Scheduler:
         return self.config.max_num_batched_tokens
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: _StepBudget) -> int:
-        """Tokens to schedule for request this step; 0 when this step's prefill share is spent."""
-        num_new = min(request.num_tokens - num_computed_tokens, budget.tokens)
+        """Tokens to schedule for request this step; 0 when this step's prefill share is spent.
+
+        A decoding request with proposed tokens (speculative decoding) asks for them too; the budget may
+        trim the proposals, never the token it must compute."""
+        num_new = min(request.num_tokens - num_computed_tokens + len(request.spec_token_ids), budget.tokens)
         if not _is_decoding(request):
             num_new = min(num_new, budget.prefill_tokens)
         if self.config.long_prefill_token_threshold > 0:
@@ -263,6 +270,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.kv_cache_manager.free(request)  # publishes its computed blocks before freeing
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.push(request, front=True)
@@ -313,13 +321,21 @@ class Scheduler:
                 f"{sched.req_id}: sample={sched.sample} but token={token_id}"
             )
             if token_id is not None:
-                request.append_output_token(token_id)
-                if request.structured_output is not None:
-                    request.structured_output.accept_token(token_id)
-                new_token_ids.append(token_id)
-                if sched.req_id in runner_output.logprobs:
-                    new_logprobs.append(runner_output.logprobs[sched.req_id])
-                self._check_stop(request)
+                token_ids = [token_id, *runner_output.spec_token_ids.get(sched.req_id, ())]
+                logprobs = [runner_output.logprobs.get(sched.req_id),
+                            *runner_output.spec_logprobs.get(sched.req_id, ())]
+                for i, new_token_id in enumerate(token_ids):  # more than one: accepted proposals
+                    request.append_output_token(new_token_id)
+                    if request.structured_output is not None:
+                        request.structured_output.accept_token(new_token_id)
+                    new_token_ids.append(new_token_id)
+                    if i < len(logprobs) and logprobs[i] is not None:
+                        new_logprobs.append(logprobs[i])
+                    self._check_stop(request)
+                    if request.is_finished:
+                        break
+            if sched.spec_token_ids:
+                self._roll_back_proposals(request)
             if request.is_finished:
                 self.running.remove(request)
                 self._free_finished(request)
@@ -336,6 +352,16 @@ class Scheduler:
                     )
                 )
         return outputs
+
+    def _roll_back_proposals(self, request: Request) -> None:
+        """After a verifying step: the KV of rejected proposals is not the sequence's, so num_computed_tokens
+        goes back to the accepted tokens (all but the last sampled one) and blocks past them are freed.
+
+        NOTE: done before a finished request is freed, so only accepted tokens' blocks reach the prefix cache.
+        """
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        request.spec_token_ids = []
+        self.kv_cache_manager.trim(request)
 
     def _new_prompt_logprobs(
         self, sched: ScheduledRequest, runner_output: ModelRunnerOutput

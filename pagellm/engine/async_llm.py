@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.llm_engine import LLMEngine, ProcessedPrompt
+from pagellm.engine.spec_decode import SpecDecodeStats
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -55,6 +56,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_adds_processed: int = 0  # add commands the engine thread has taken off the queue
+    spec_decode: SpecDecodeStats | None = None  # a copy; None without speculative decoding
 
 
 @dataclass(frozen=True)
@@ -454,6 +456,7 @@ class AsyncLLM:
             prefix_cache_queries=scheduler.prefix_cache_queries,
             prefix_cache_hits=scheduler.prefix_cache_hits,
             num_adds_processed=num_adds,
+            spec_decode=self._engine.spec_decode_stats(),
         )
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:

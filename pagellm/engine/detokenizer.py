@@ -53,6 +53,10 @@ class IncrementalDetokenizer:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stops)
+
     def update(self, new_token_ids: list[int], finished: bool = False) -> str | None:
         """Append generated tokens; return the stop string if one now appears in the text, else None.
 

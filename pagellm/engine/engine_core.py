@@ -7,8 +7,9 @@ import logging
 
 import torch
 
-from pagellm.config import CacheConfig, SchedulerConfig
+from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagellm.core.scheduler import Scheduler
+from pagellm.engine.spec_decode import NgramSpeculator
 from pagellm.outputs import EngineCoreOutput
 from pagellm.request import Request, RequestStatus
 from pagellm.worker.worker import Worker
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """Owns the scheduler and drives the worker; knows nothing of text."""
 
-    def __init__(self, worker: Worker, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(self, worker: Worker, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         assert cache_config.num_blocks is not None, "size the KV cache before building the core"
@@ -33,6 +35,9 @@ class EngineCore:
         # but kept out of its waiting queue, so they hold no place in line and stall nobody.
         self._grammar_waiting: list[Request] = []
         self._bitmask: torch.Tensor | None = None  # int32 [max_num_seqs, ceil(vocab / 32)], reused
+        self.speculator = (NgramSpeculator(speculative_config, scheduler_config.max_model_len)
+                           if speculative_config is not None else None)
+        self._capacity = min(scheduler_config.max_model_len, cache_config.num_blocks * cache_config.block_size)
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -119,5 +124,17 @@ class EngineCore:
         if sched_out.is_empty:
             return failed
         outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
+        if self.speculator is not None:
+            self._speculate(sched_out, runner_out)
         self._release_finished_if_idle()
         return outputs
+
+    def _speculate(self, sched_out, runner_out) -> None:
+        """Count this step's verified proposals, then propose for the requests that decode next."""
+        speculator = self.speculator
+        speculator.forget(sched_out.finished_req_ids)
+        for sched in sched_out.scheduled:
+            if sched.spec_token_ids and sched.req_id in runner_out.sampled_token_ids:
+                speculator.record(sched.req_id, len(sched.spec_token_ids),
+                                  len(runner_out.spec_token_ids.get(sched.req_id, ())))
+        speculator.propose(self.scheduler.running, self._capacity)

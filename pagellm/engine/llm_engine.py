@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from pagellm.engine.engine_core import EngineCore
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor
+from pagellm.engine.spec_decode import SpecDecodeStats
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
 from pagellm.outputs import RequestOutput
@@ -49,7 +50,8 @@ class LLMEngine:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, lora_config: LoRAConfig | None = None,
-                 task: str = GENERATE_TASK, pooler_config: PoolerConfig | None = None) -> None:
+                 task: str = GENERATE_TASK, pooler_config: PoolerConfig | None = None,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.model_config = model_config
         self.task = task
         self.worker = Worker(model_config, task, lora_config)
@@ -61,15 +63,20 @@ class LLMEngine:
         self._ids = itertools.count()
         scheduler_config = scheduler_config or SchedulerConfig()
         if self.is_pooling:
+            if speculative_config is not None:
+                raise InvalidRequest("speculative decoding applies to task='generate' only",
+                                     param="speculative_config")
             self._init_pooling(model_config, scheduler_config, pooler_config)
         else:
-            self._init_generate(model_config, cache_config or CacheConfig(), scheduler_config, lora_config)
+            self._init_generate(model_config, cache_config or CacheConfig(), scheduler_config, lora_config,
+                                speculative_config)
         self.load_time = self.info.load_time
         logger.info("loaded %s for %s (%s, %s) in %.1fs", self.source.name, task, self.info.dtype, self.info.device,
                     self.load_time)
 
     def _init_generate(self, model_config: ModelConfig, cache_config: CacheConfig,
-                       scheduler_config: SchedulerConfig, lora_config: LoRAConfig | None) -> None:
+                       scheduler_config: SchedulerConfig, lora_config: LoRAConfig | None,
+                       speculative_config: SpeculativeConfig | None) -> None:
         info = self.info
         self.tokenizer = load_tokenizer(self.source, model_config.tokenizer)
         max_len = model_config.max_model_len or info.max_position_embeddings
@@ -82,7 +89,7 @@ class LLMEngine:
         cache_config = replace(cache_config, num_blocks=self.worker.num_kv_blocks(cache_config, scheduler_config))
         self.worker.init_kv_cache(cache_config, scheduler_config)
         self.scheduler_config, self.cache_config = scheduler_config, cache_config
-        self.core: EngineCore | None = EngineCore(self.worker, scheduler_config, cache_config)
+        self.core: EngineCore | None = EngineCore(self.worker, scheduler_config, cache_config, speculative_config)
         eos = self.tokenizer.eos_token_id
         self.eos_token_id = eos if eos is not None else info.eos_token_id
         pool_tokens = cache_config.num_blocks * cache_config.block_size
@@ -251,6 +258,15 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core is not None and self.core.has_unfinished_requests()
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """A copy of the speculative-decoding counters; None when speculation is off."""
+        speculator = self.core.speculator if self.core is not None else None
+        if speculator is None:
+            return None
+        stats = speculator.stats
+        return SpecDecodeStats(stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens,
+                               list(stats.accepted_per_position))
 
     def reset_prefix_cache(self) -> bool:
         return self._require_generate("reset_prefix_cache").scheduler.reset_prefix_cache()

@@ -107,14 +107,25 @@ class OutputProcessor:
         if out.new_token_ids and state.first_token_time is None:
             state.first_token_time = time.monotonic()
             state.num_cached_tokens = out.num_cached_tokens
-        seq.token_ids.extend(out.new_token_ids)
-        seq.delta_token_ids = list(out.new_token_ids)
-        for lp in out.new_logprobs:
+        finished = out.finish_reason is not None
+        token_ids, logprobs = out.new_token_ids, out.new_logprobs
+        stop_str = None
+        if len(token_ids) > 1 and seq.detok.has_stop_strings:
+            # NOTE: several tokens in one step (accepted speculative proposals): a stop string in an early one
+            # must end the output there, as it would one token a step, so they are detokenized one by one
+            for i in range(len(token_ids)):
+                stop_str = seq.detok.update(token_ids[i : i + 1], finished=finished and i == len(token_ids) - 1)
+                if stop_str is not None:
+                    token_ids, logprobs = token_ids[: i + 1], logprobs[: i + 1]
+                    break
+        else:
+            stop_str = seq.detok.update(token_ids, finished=finished)
+        seq.token_ids.extend(token_ids)
+        seq.delta_token_ids = list(token_ids)
+        for lp in logprobs:
             seq.cumulative_logprob += lp.logprob
             if seq.logprobs is not None:
                 seq.logprobs.append(logprob_dict(lp))
-        finished = out.finish_reason is not None
-        stop_str = seq.detok.update(out.new_token_ids, finished=finished)
         if stop_str is not None and not finished:
             seq.finish_reason, seq.stop_reason = "stop", stop_str
             return True

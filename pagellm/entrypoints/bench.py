@@ -60,16 +60,24 @@ def bench_latency(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[s
     for i in tqdm(range(args.repeats), desc="latency runs"):
         engine.add_request(f"bench-{i}", prompts[i], SamplingParams(temperature=0, max_tokens=args.output_len,
                                                                      ignore_eos=True))
-        start, stamps = time.perf_counter(), []
+        start, stamps, counts = time.perf_counter(), [], []
         while engine.has_unfinished_requests():
-            if engine.step():
+            outs = engine.step()
+            if outs:  # NOTE: with speculative decoding one step may emit several tokens
                 stamps.append(time.perf_counter())
+                counts.append(len(outs[0].outputs[0].token_ids))
         itl = [b - a for a, b in zip(stamps, stamps[1:])]
         runs.append({"ttft_s": stamps[0] - start, "e2e_s": stamps[-1] - start,
-                     "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "itl_s": _percentiles(itl)})
+                     "decode_tok_s": (counts[-1] - counts[0]) / (stamps[-1] - stamps[0]), "itl_s": _percentiles(itl)})
     best = min(runs, key=lambda r: r["e2e_s"])
-    return {"runs": runs, "ttft_s": best["ttft_s"], "decode_tok_s": best["decode_tok_s"], "e2e_s": best["e2e_s"],
-            "itl_s": best["itl_s"]}
+    result = {"runs": runs, "ttft_s": best["ttft_s"], "decode_tok_s": best["decode_tok_s"], "e2e_s": best["e2e_s"],
+              "itl_s": best["itl_s"]}
+    spec = engine.spec_decode_stats()
+    if spec is not None:
+        result["spec_decode"] = {"acceptance_rate": spec.acceptance_rate, "mean_accepted_length":
+                                 spec.mean_accepted_length, "num_draft_tokens": spec.num_draft_tokens,
+                                 "accepted_per_position": spec.accepted_per_position}
+    return result
 
 
 def bench_throughput(args: argparse.Namespace, engine_kw: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,10 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="global seed (default: %(default)s)")
+    g.add_argument("--speculative-config", default=None,
+                   help='speculative decoding as JSON, vLLM\'s fields, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+                        "(default: off)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -66,7 +70,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
         seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
-        device=args.device, **lora_kwargs(args),
+        device=args.device, speculative_config=args.speculative_config, **lora_kwargs(args),
     )
 
 

@@ -12,6 +12,7 @@ from pagellm.config import (
     LoRAConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
 )
 from pagellm.engine.input_processor import PromptType
 from pagellm.engine.label_scorer import LabelScorer, score_with_engine
@@ -72,6 +73,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         compile: bool = False,
         device: str = "auto",
+        speculative_config: dict | str | None = None,
     ) -> None:
         self.task = task
         if task != "generate" and task not in POOLING_TASKS:
@@ -87,6 +89,7 @@ class LLM:
                             max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding),
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
             task=task, pooler_config=pooler_config,
+            speculative_config=SpeculativeConfig.from_dict(speculative_config),
         )
 
     def get_tokenizer(self):

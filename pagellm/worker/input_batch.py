@@ -29,6 +29,8 @@ class ModelInputs:
     attn_meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to turn into logits
     sample_rows: list[ScheduledRequest]  # in logits order, after the prompt-logprob rows
+    # logits rows of each sample row: 1, or 1 + its proposals (speculative decoding verifies each position)
+    sample_row_counts: list[int]
     num_prompt_logprob_rows: int
     prompt_logprob_rows: list[PromptLogprobRows]
     requests: list[ScheduledRequest]  # in token order (decodes, then chunks)
@@ -40,9 +42,12 @@ def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
 
 def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | None = None) -> ModelInputs:
     """Every tensor is built on `device` (None: the CPU, with no device argument at all)."""
-    # Single-token requests form the batched "decode" group; multi-token chunks follow.
-    decodes = [r for r in so.scheduled if len(r.token_ids) == 1]
-    chunks = [r for r in so.scheduled if len(r.token_ids) > 1]
+    # Single-token requests form the batched "decode" group; multi-token chunks follow. A request verifying
+    # proposals (speculative decoding) joins the decode group as one row per token, row i attending to the
+    # keys up to its own position: every row's keys are written before any row attends, so it sees the
+    # proposals before it, and the step runs on the decode kernels (the fused stack included).
+    decodes = [r for r in so.scheduled if len(r.token_ids) == 1 or r.spec_token_ids]
+    chunks = [r for r in so.scheduled if len(r.token_ids) > 1 and not r.spec_token_ids]
     ordered = decodes + chunks
     input_ids: list[int] = []
     positions: list[int] = []
@@ -55,20 +60,21 @@ def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | No
             positions.append(pos)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
 
+    rows = [(r, r.num_computed_tokens + i + 1) for r in decodes for i in range(len(r.token_ids))]  # (req, length)
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-                             num_decode_tokens=len(decodes))
+                             num_decode_tokens=len(rows))
     if decodes:
-        lengths = [r.num_computed_tokens + 1 for r in decodes]
+        lengths = [length for _, length in rows]
         max_blocks = (max(lengths) + block_size - 1) // block_size
-        table = [r.block_ids[:max_blocks] + [0] * (max_blocks - min(len(r.block_ids), max_blocks)) for r in decodes]
+        table = [r.block_ids[:max_blocks] + [0] * (max_blocks - min(len(r.block_ids), max_blocks)) for r, _ in rows]
         meta.decode_block_table = torch.tensor(table, dtype=torch.long, device=device)
         meta.decode_max_len = max(lengths)
         meta.decode_seq_lens = torch.tensor(lengths, dtype=torch.long, device=device)
         if min(lengths) != max(lengths):  # equal lengths: keys are cut to that length, no mask
             span = torch.arange(max_blocks * block_size, device=device)
-            meta.decode_mask = (span.unsqueeze(0) < meta.decode_seq_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            meta.decode_mask = (span.unsqueeze(0) < meta.decode_seq_lens.unsqueeze(1)).view(len(rows), 1, 1, -1)
 
-    offset = len(decodes)
+    offset = len(rows)
     for req in chunks:
         n, done = len(req.token_ids), req.num_computed_tokens
         chunk = PrefillChunk(offset, n, done, None, None)
@@ -102,13 +108,17 @@ def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | No
         offset += n
     num_plp = len(logits_rows)
     sample_rows = [r for r in ordered if r.sample]
-    logits_rows.extend(last_row[r.req_id] for r in sample_rows)
+    counts = [1 + len(r.spec_token_ids) for r in sample_rows]
+    for req, count in zip(sample_rows, counts):
+        last = last_row[req.req_id]
+        logits_rows.extend(range(last - count + 1, last + 1))
     return ModelInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         attn_meta=meta,
         logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
         sample_rows=sample_rows,
+        sample_row_counts=counts,
         num_prompt_logprob_rows=num_plp,
         prompt_logprob_rows=plp_rows,
         requests=ordered,

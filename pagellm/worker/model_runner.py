@@ -138,10 +138,33 @@ class ModelRunner:
             rows = logits[plp.row_start : plp.row_start + len(plp.target_ids)]
             out.prompt_logprobs[plp.req_id] = compute_prompt_logprobs(rows, plp.target_ids, plp.k)
         if inputs.sample_rows:
-            sampled = self.sampler.sample(logits[inputs.num_prompt_logprob_rows :], inputs.sample_rows,
-                                          so.grammar_req_ids, so.grammar_bitmask)
-            for req, token_id, lp in zip(inputs.sample_rows, sampled.token_ids, sampled.logprobs):
+            self._sample(logits[inputs.num_prompt_logprob_rows :], inputs, so, out)
+        return out
+
+    def _sample(self, logits: torch.Tensor, inputs, so: SchedulerOutput, out: ModelRunnerOutput) -> None:
+        """One token per plain row; a row with proposals (speculative decoding) is verified, which emits
+        1 to 1 + len(proposals) tokens."""
+        rows, counts = inputs.sample_rows, inputs.sample_row_counts
+        if all(c == 1 for c in counts):
+            plain, plain_logits, spec = rows, logits, []
+        else:
+            starts = [0]
+            for c in counts[:-1]:
+                starts.append(starts[-1] + c)
+            plain_idx = [i for i, c in enumerate(counts) if c == 1]
+            plain = [rows[i] for i in plain_idx]
+            plain_logits = logits[torch.tensor([starts[i] for i in plain_idx], dtype=torch.long)]
+            spec = [(rows[i], logits[starts[i] : starts[i] + counts[i]]) for i, c in enumerate(counts) if c > 1]
+        if plain:
+            sampled = self.sampler.sample(plain_logits, plain, so.grammar_req_ids, so.grammar_bitmask)
+            for req, token_id, lp in zip(plain, sampled.token_ids, sampled.logprobs):
                 out.sampled_token_ids[req.req_id] = token_id
                 if lp is not None:
                     out.logprobs[req.req_id] = lp
-        return out
+        for req, req_logits in spec:
+            token_ids, logprobs = self.sampler.verify(req_logits, req)
+            out.sampled_token_ids[req.req_id] = token_ids[0]
+            out.spec_token_ids[req.req_id] = token_ids[1:]
+            if logprobs[0] is not None:
+                out.logprobs[req.req_id] = logprobs[0]
+                out.spec_logprobs[req.req_id] = logprobs[1:]

@@ -87,6 +87,68 @@ class Sampler:
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
+    def verify(self, logits: torch.Tensor, row: ScheduledRequest) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Speculative decoding: the tokens one request emits this step, from the logits of its last computed
+        token and of each proposal (``logits[i]`` predicts the token after proposal i; row 0 after the last
+        accepted token), and their logprobs.
+
+        Greedy: the target's argmax at each position, kept while it equals the proposal, so the output is
+        token for token what decoding one token a step gives. Random: proposal d at position i is accepted
+        with probability p_i(d) (an n-gram proposal is a point mass: p_draft(d) = 1); on rejection the token
+        is drawn from p_i with d removed, renormalised; if all are accepted one more is drawn from the last
+        row. Either way each emitted token is distributed as the target's p.
+        """
+        drafts = row.spec_token_ids
+        assert logits.shape[0] == len(drafts) + 1, f"{row.req_id}: {logits.shape[0]} rows for {len(drafts)} drafts"
+        raw = logits[:, : self.vocab_size].float()  # [1 + k, vocab]
+        processed = process_logits(raw, [row] * raw.shape[0])  # logit bias only: verify skips penalties
+        params = row.sampling_params
+        if params.is_greedy or params.top_k == 1:
+            best = processed.argmax(dim=-1).tolist()
+            token_ids = []
+            for i, token_id in enumerate(best):
+                token_ids.append(token_id)
+                if i == len(drafts) or token_id != drafts[i]:
+                    break
+        else:
+            token_ids = self._verify_random(processed, row)
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if params.logprobs is not None:
+            n = len(token_ids)
+            logprobs = list(_gather_logprobs(torch.log_softmax(raw[:n], dim=-1), torch.tensor(token_ids),
+                                             [params.logprobs] * n))
+        return token_ids, logprobs
+
+    def _verify_random(self, processed: torch.Tensor, row: ScheduledRequest) -> list[int]:
+        params = row.sampling_params
+        logits = processed / params.temperature
+        num_rows = logits.shape[0]
+        threshold = _truncation_threshold(logits, [params.top_k] * num_rows, [params.top_p] * num_rows)
+        if threshold is not None:
+            logits.masked_fill_(logits < threshold[:, None], -torch.inf)
+        probs = logits.softmax(dim=-1)  # [1 + k, vocab]
+        if params.min_p > 0.0:
+            probs.masked_fill_(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+            probs.div_(probs.sum(dim=-1, keepdim=True))
+        generator = self._generator(row, probs.device) if params.seed is not None else None
+        drafts = row.spec_token_ids
+        uniforms = torch.rand(len(drafts), generator=generator, device=probs.device).tolist()
+        token_ids = []
+        for i, draft in enumerate(drafts):
+            if uniforms[i] < probs[i, draft].item():
+                token_ids.append(draft)
+                continue
+            residual = probs[i].clone()
+            residual[draft] = 0.0  # the race ignores scale: no renormalising needed
+            token_ids.append(self._race(residual, row))
+            return token_ids
+        token_ids.append(self._race(probs[len(drafts)].clone(), row))  # all accepted: one more from the target
+        return token_ids
+
+    def _race(self, probs: torch.Tensor, row: ScheduledRequest) -> int:
+        """One draw from (unnormalised) probs by the exponential race, with the row's own generator if seeded."""
+        return int(probs.div_(self._exponential_noise(probs[None], [row])[0]).argmax())
+
     def drop(self, req_ids: Iterable[str]) -> None:
         """Forget the generators of finished requests."""
         for req_id in req_ids:

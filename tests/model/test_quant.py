@@ -124,6 +124,27 @@ def test_int4_kernel_quantizes_activations_like_q8(rows, in_features, monkeypatc
     assert not torch.equal(got, exact)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("in_features", [128, 160])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(scheme, in_features):
+    """Bitwise: row i computed alone equals row i computed in a call of 2..11 rows. Greedy outputs then do
+    not depend on the batch or on prefix-cache hits, and speculative verification (several rows of one
+    request) reproduces decoding one token a step. (The int4 kernel once summed one row in two FMA
+    chains and several rows in one, which moved the bundled model's greedy answers with the batch.)"""
+    from pagellm.model.layers.kernels import load_kernel
+
+    if load_kernel() is None:
+        pytest.skip("C++ kernels unavailable (no compiler)")
+    layer = QuantizedLinear(in_features, 96, bias=False, scheme=scheme)
+    layer.use_kernels(plan_kernels())
+    layer.set_weight(quantize(_weight(96, in_features), scheme))
+    x = torch.randn(11, in_features, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(11)])
+        for rows in (2, 5, 8, 11):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
 def test_cat_rows_stacks_fused_projections():
     a, b = quantize_int4(_weight(64, 128, 1)), quantize_int4(_weight(32, 128, 2))
     both = cat_rows([a, b])

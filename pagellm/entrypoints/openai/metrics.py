@@ -59,6 +59,20 @@ class _EngineStatsCollector(Collector):
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.num_preemptions)
         yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", s.prefix_cache_queries)
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
+        if s.spec_decode is not None:  # speculative decoding is on
+            spec = s.spec_decode
+            yield counter("vllm:spec_decode_num_drafts", "Request-steps that verified proposed tokens.",
+                          spec.num_drafts)
+            yield counter("vllm:spec_decode_num_draft_tokens", "Proposed (draft) tokens verified.",
+                          spec.num_draft_tokens)
+            yield counter("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                          spec.num_accepted_tokens)
+            per_position = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                               "Proposed tokens accepted, by position in the proposal.",
+                                               labels=["model_name", "position"])
+            for position, count in enumerate(spec.accepted_per_position):
+                per_position.add_metric([*label, str(position)], count)
+            yield per_position
 
 
 @dataclass

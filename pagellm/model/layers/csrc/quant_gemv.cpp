@@ -251,7 +251,10 @@ void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, con
   const int64_t groups = K / kGroup, pairs = groups / 2;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int kChains = M == 1 ? 2 : 1;  // one row: two FMA chains, or FMA latency bounds the loop
+  // NOTE: two FMA chains for every row count: one row needs them (or FMA latency bounds the loop), and the
+  // same summation order for any M keeps a row's result independent of the rows beside it, so greedy
+  // outputs do not depend on the batch and speculative verification reproduces plain decoding
+  constexpr int kChains = 2;
   alignas(32) float sc[kMaxGroups], mn[kMaxGroups];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * (K / 2);

@@ -1,0 +1,130 @@
+"""Speculative decoding, engine side: n-gram proposals per request, the adaptive off-switch, and counters.
+
+The proposer runs after each step on the requests that will decode next; the scheduler budgets the proposed
+tokens, the worker verifies them all in one forward (worker/sampler.py: Sampler.verify), and the scheduler
+keeps the accepted ones and rolls the rest back (core/scheduler.py).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagellm.config import SpeculativeConfig
+from pagellm.request import Request
+
+# Earlier occurrences of the matched n-gram tried for a continuation of the full length (the latest one may
+# run into the end of the sequence: a period-2 repetition leaves it 2 tokens)
+_MAX_OCCURRENCES = 8
+
+
+def ngram_lookup(token_ids: list[int], min_n: int, max_n: int, num_tokens: int) -> list[int]:
+    """Up to num_tokens tokens that followed an earlier occurrence of the longest suffix n-gram (n from max_n
+    down to min_n) of token_ids: the latest occurrence with that many after it, else the longest found;
+    [] when no such n-gram occurred before."""
+    length = len(token_ids)
+    if length < min_n + 1 or num_tokens <= 0:
+        return []
+    data = array("i", token_ids).tobytes()  # NOTE: bytes.rfind searches in C; a match must be 4-byte aligned
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        pattern = data[(length - n) * 4:]
+        end = (length - 1) * 4  # the occurrence must end before the last token, so a token follows it
+        best: list[int] = []
+        for _ in range(_MAX_OCCURRENCES * 4):
+            pos = data.rfind(pattern, 0, end)
+            if pos < 0:
+                break
+            end = pos + len(pattern) - 1
+            if pos % 4:
+                continue
+            start = pos // 4 + n
+            found = token_ids[start : start + num_tokens]
+            if len(found) > len(best):
+                best = found
+            if len(best) == num_tokens:
+                break
+        if best:
+            return best
+    return []
+
+
+@dataclass
+class SpecDecodeStats:
+    """Counters for /metrics (vLLM's names) and `pagellm bench`."""
+
+    num_drafts: int = 0  # request-steps that verified proposals
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_proposed:
+            self.accepted_per_position.extend([0] * (num_proposed - len(self.accepted_per_position)))
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying step: the accepted drafts plus the one the target always adds."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+class NgramSpeculator:
+    """Proposes for each request that decodes next, and stops proposing for a request whose proposals
+    keep failing (acceptance under config.min_acceptance_rate over its last acceptance_window tokens)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.stats = SpecDecodeStats()
+        self._history: dict[str, deque[tuple[int, int]]] = {}  # req_id -> (proposed, accepted) per step
+        self._disabled: set[str] = set()
+
+    def can_speculate(self, request: Request) -> bool:
+        """Only what verification reproduces exactly: no grammar, no penalties (they depend on the tokens
+        before each position), min_tokens met (it masks EOS by position)."""
+        params = request.sampling_params
+        return (request.req_id not in self._disabled and request.structured_output is None
+                and not params.has_penalties and request.num_output_tokens >= params.min_tokens
+                and request.num_output_tokens > 0)
+
+    def propose(self, requests: list[Request], capacity: int) -> None:
+        """Set spec_token_ids of each decoding request (empty where there is nothing to propose)."""
+        config = self.config
+        for request in requests:
+            request.spec_token_ids = []
+            if request.num_tokens - request.num_computed_tokens != 1 or not self.can_speculate(request):
+                continue
+            # k drafts take positions num_tokens .. num_tokens + k - 1, and k + 1 tokens may be emitted
+            room = min(self.max_model_len, capacity) - request.num_tokens
+            if request.max_tokens is not None:
+                room = min(room, request.max_tokens - request.num_output_tokens - 1)
+            num = min(config.num_speculative_tokens, room)
+            if num > 0:
+                request.spec_token_ids = ngram_lookup(request.all_token_ids, config.prompt_lookup_min,
+                                                      config.prompt_lookup_max, num)
+
+    def record(self, req_id: str, num_proposed: int, num_accepted: int) -> None:
+        self.stats.record(num_proposed, num_accepted)
+        window = self._history.setdefault(req_id, deque())
+        window.append((num_proposed, num_accepted))
+        proposed = sum(p for p, _ in window)
+        while window and proposed - window[0][0] >= self.config.acceptance_window:
+            proposed -= window.popleft()[0]
+        if proposed >= self.config.acceptance_window:
+            accepted = sum(a for _, a in window)
+            if accepted < self.config.min_acceptance_rate * proposed:
+                self._disabled.add(req_id)
+
+    def forget(self, req_ids: list[str]) -> None:
+        for req_id in req_ids:
+            self._history.pop(req_id, None)
+            self._disabled.discard(req_id)
