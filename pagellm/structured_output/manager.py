@@ -168,7 +168,12 @@ class StructuredOutputManager:
 
     def _build(self, params: StructuredOutputsParams) -> Any:
         """The xgrammar Grammar of a spec (a parse, no token masks yet)."""
-        import xgrammar as xgr
+        try:
+            import xgrammar as xgr
+        except ImportError as exc:  # an install without it: say so, not "invalid schema"
+            raise InvalidRequest("structured output needs the xgrammar package, which this installation lacks "
+                                 "(pip install --no-deps xgrammar==0.2.9 && pip install 'apache-tvm-ffi>=0.1.11'; "
+                                 "`make setup` does this)", param=f"structured_outputs.{params.kind}") from exc
 
         kind = params.kind
         param = f"structured_outputs.{kind}"

@@ -184,3 +184,16 @@ def test_abort_while_the_grammar_compiles(tiny_llama_dir, monkeypatch) -> None:
     assert outs and outs[0].outputs[0].finish_reason == "abort"
     assert not engine.has_unfinished_requests()
     release.set()
+
+
+def test_without_xgrammar_a_constrained_request_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    """An installation lacking xgrammar refuses constrained requests naming the package, and keeps serving."""
+    import sys
+
+    llm = LLM(tiny_llama_dir, dtype="float32", block_size=4, num_blocks=64)
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now raises ImportError
+    constrained = greedy(8, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}"))
+    with pytest.raises(InvalidRequest, match="needs the xgrammar package") as info:
+        llm.generate(["Number:"], constrained, use_tqdm=False)
+    assert info.value.param == "structured_outputs.regex"
+    assert len(llm.generate(["Number:"], greedy(4), use_tqdm=False)[0].outputs[0].token_ids) == 4
