@@ -1,4 +1,4 @@
-"""LoRAManager: registered adapters, which of them sit in compute slots, and the per-step mapping.
+"""LoRAManager: registered adapters, which of them sit in compute slots, and each step's LoRA mask.
 
 Prefix-tuning adapters live here too: they need no slot, only their learned keys/values written
 over the KV of a request's virtual leading positions (see VirtualKV).
@@ -14,6 +14,7 @@ import torch
 from pagellm.config import LoRAConfig
 from pagellm.core.sched_output import ScheduledRequest
 from pagellm.errors import InvalidRequest
+from pagellm.model.layers.attention import AttentionMetadata
 from pagellm.model.layers.lora import LoRALinear, LoRAMapping
 from pagellm.model.loader.peft_loader import LORA_TARGETS, LoRAAdapter, PrefixAdapter
 
@@ -111,20 +112,20 @@ class LoRAManager:
         self.slots[lora_id] = slot
         return slot
 
-    def prepare(self, requests: list[ScheduledRequest]) -> VirtualKV | None:
-        """Set this step's LoRA mapping from the scheduled requests in token order (lora_id 0: the base
-        model); returns the prefix-tuning keys/values the step must use."""
+    def prepare(self, requests: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        """Put this step's LoRA mask (per token, from the scheduled requests in token order; lora_id 0: the
+        base model) and its prefix-tuning keys/values into the step's metadata."""
         runs = [(r.lora_id, r.num_computed_tokens, len(r.token_ids)) for r in requests]
         in_use = {lora_id for lora_id, _, _ in runs if lora_id in self.adapters}
-        if not in_use:
-            self.mapping.set_token_slots(None)
-        else:
+        if in_use:
             assert len(in_use) <= self.config.max_loras, "the scheduler admits at most max_loras adapters"
             slot_of = {lora_id: self._activate(lora_id, in_use) for lora_id in in_use}
             slots = torch.tensor([slot_of.get(lora_id, -1) for lora_id, _, _ in runs])
             counts = torch.tensor([n for _, _, n in runs])
-            self.mapping.set_token_slots(torch.repeat_interleave(slots, counts))
-        return self._virtual_kv(runs) if self.prefixes else None
+            meta.lora_mask = self.mapping.mask_for(torch.repeat_interleave(slots, counts))
+        virtual = self._virtual_kv(runs) if self.prefixes else None
+        if virtual is not None:
+            meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values
 
     def _virtual_kv(self, runs: list[tuple[int, int, int]]) -> VirtualKV | None:
         rows: list[int] = []

@@ -116,12 +116,9 @@ class ModelRunner:
         if so.is_empty:
             return out
         inputs = build_inputs(so, self.block_size, self.input_device)
-        if self.lora is not None:
-            virtual = self.lora.prepare(inputs.requests)
-            if virtual is not None:
-                meta = inputs.attn_meta
-                meta.virtual_rows, meta.virtual_keys, meta.virtual_values = virtual.rows, virtual.keys, virtual.values
         meta = inputs.attn_meta
+        if self.lora is not None:
+            self.lora.prepare(inputs.requests, meta)  # the step's LoRA mask and prefix K/V, in its metadata
         decode_only = not meta.prefills and meta.virtual_rows is None and meta.decode_seq_lens is not None
         if self.fused_decode is not None and decode_only and meta.num_decode_tokens <= FUSED_MAX_ROWS:
             hidden = self.fused_decode.forward(self.model.embed_tokens(inputs.input_ids), inputs.positions,

@@ -47,7 +47,7 @@ def _pagellm_logits(base_dir: str, adapter_dir: str, ids: list[int]) -> torch.Te
                            ids, len(ids), lora_id=7)
     inputs = build_inputs(SchedulerOutput([req]), 4)
     with torch.inference_mode():
-        runner.lora.prepare(inputs.requests)
+        runner.lora.prepare(inputs.requests, inputs.attn_meta)
         hidden = model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn_meta)
         return model.compute_logits(hidden)
 

@@ -34,6 +34,7 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None  # [num_decodes] int64 context length of each decode
     prefills: list[PrefillChunk] = field(default_factory=list)
     # Prefix tuning: token rows whose keys/values are replaced by an adapter's learned ones
+    lora_mask: torch.Tensor | None = None  # [num_tokens, slots * rank]: each token's LoRA slot (model/layers/lora.py)
     virtual_rows: torch.Tensor | None = None  # [num_rows]
     virtual_keys: torch.Tensor | None = None  # [num_layers, num_rows, num_kv_heads, head_dim]
     virtual_values: torch.Tensor | None = None

@@ -2,8 +2,8 @@
 
 Each LoRALinear keeps the A and B matrices of every resident adapter stacked in fixed slots of
 `max_rank` rows. One step computes x @ A_all.T for all slots at once, zeroes the columns of the
-slots a token does not use (a per-token mask shared by all layers), and expands with B_all: two
-dense matmuls per slice, no Python loop over requests or adapters.
+slots a token does not use (a per-token mask of the step, shared by all layers and passed in with the
+step's metadata), and expands with B_all: two dense matmuls per slice, no Python loop over requests or adapters.
 """
 
 from __future__ import annotations
@@ -16,19 +16,15 @@ from pagellm.model.loader.peft_loader import LoRAWeights
 
 
 class LoRAMapping:
-    """The per-step token -> slot mask, shared by every LoRALinear of one model."""
+    """The slot geometry every LoRALinear of one model shares, and the per-token mask of a step's slots."""
 
     def __init__(self, num_slots: int, max_rank: int, dtype: torch.dtype) -> None:
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self._col_slot = torch.arange(num_slots * max_rank) // max_rank  # [slots * rank]
-        self.mask: torch.Tensor | None = None  # [num_tokens, slots * rank]; None: no token uses LoRA
 
-    def set_token_slots(self, token_slots: torch.Tensor | None) -> None:
-        """token_slots: [num_tokens] slot index per token, -1 for the base model."""
-        if token_slots is None:
-            self.mask = None
-        else:
-            self.mask = (token_slots.unsqueeze(1) == self._col_slot.unsqueeze(0)).to(self.dtype)
+    def mask_for(self, token_slots: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, slots * rank] mask of token_slots ([num_tokens] slot per token, -1: the base model)."""
+        return (token_slots.unsqueeze(1) == self._col_slot.unsqueeze(0)).to(self.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -60,9 +56,10 @@ class LoRALinear(nn.Module):
             a_rows[: weights.rank] = weights.a
             b_rows[: weights.rank] = (weights.b * weights.scaling).t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """lora_mask: the step's [num_tokens, slots * rank] mask (AttentionMetadata.lora_mask); None: base only."""
         out = self.base(x)
-        mask = self.mapping.mask
+        mask = lora_mask
         if mask is None:
             return out
         num_tokens = x.shape[0]

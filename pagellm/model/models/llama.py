@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj.forward(x)
+        qkv = _project(self.qkv_proj, x, meta.lora_mask)
         # q and k are adjacent columns: one rotary call covers both
         qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -62,7 +62,12 @@ class LlamaAttention(nn.Module):
             v[meta.virtual_rows] = meta.virtual_values[self.layer_idx]
         k_cache, v_cache = kv_cache if kv_cache is not None else (None, None)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, self.decode_kernel)  # [T, H, D]
-        return self.o_proj.forward(out.reshape(num_tokens, self.q_size))
+        return _project(self.o_proj, out.reshape(num_tokens, self.q_size), meta.lora_mask)
+
+
+def _project(layer: nn.Module, x: torch.Tensor, lora_mask: torch.Tensor | None) -> torch.Tensor:
+    """layer(x), with the step's LoRA mask where a token uses an adapter (the layer is then a LoRALinear)."""
+    return layer.forward(x) if lora_mask is None else layer.forward(x, lora_mask)
 
 
 class LlamaMLP(nn.Module):
@@ -75,9 +80,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
-        return self.down_proj.forward(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora_mask: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = _project(self.gate_up_proj, x, lora_mask).chunk(2, dim=-1)
+        return _project(self.down_proj, F.silu(gate) * up, lora_mask)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,7 +97,7 @@ class LlamaDecoderLayer(nn.Module):
         # NOTE: submodules are called through .forward: nn.Module.__call__ (hook checks) costs ~3 ms a
         # decode step over 30 layers, and these modules never carry hooks
         x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, kv_cache, meta)
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x), meta.lora_mask)
 
 
 class LlamaForCausalLM(nn.Module):
