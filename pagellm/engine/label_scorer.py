@@ -104,49 +104,74 @@ class LabelScorer:
         return plans
 
 
+class _ScoringRun:
+    """The order of one call's label requests, shared by both engines' drivers.
+
+    At most `window` texts (max_num_seqs) are in flight, so the prompts waiting for their other labels stay
+    in the prefix cache (freed blocks join the tail of the LRU free queue: a just-finished prompt is evicted
+    last). A text's first label runs alone; its other labels are submitted once it finished, as prefix hits.
+    """
+
+    def __init__(self, plans: list[LabelScoringPlan], window: int) -> None:
+        self.plans, self.window = plans, window
+        self.num_labels = len(plans[0].label_ids)
+        self.scores: list[list[float]] = [[0.0] * self.num_labels for _ in plans]
+        self._num_left = [self.num_labels] * len(plans)
+        self._next_text = self.num_done = 0
+
+    @property
+    def is_done(self) -> bool:
+        return self.num_done == len(self.plans)
+
+    def start(self) -> list[tuple[int, int]]:
+        """(text, label) pairs to submit now: the first label of each text the window admits."""
+        pairs = []
+        while self._next_text < len(self.plans) and self._next_text - self.num_done < self.window:
+            pairs.append((self._next_text, 0))
+            self._next_text += 1
+        return pairs
+
+    def finish(self, i: int, j: int, output: RequestOutput) -> list[tuple[int, int]]:
+        """Record label j of text i; returns the pairs to submit next."""
+        self.scores[i][j] = self.plans[i].label_logprob(j, output)
+        self._num_left[i] -= 1
+        follow = [(i, k) for k in range(1, self.num_labels)] if j == 0 else []  # the prompt is cached now
+        if self._num_left[i] == 0:
+            self.num_done += 1
+            follow += self.start()
+        return follow
+
+    def probs(self) -> list[list[float]]:
+        return [softmax(row) for row in self.scores]
+
+
 def score_with_engine(engine: LLMEngine, plans: list[LabelScoringPlan], lora_request: LoRARequest | None = None,
                       use_tqdm: bool = False) -> list[list[float]]:
-    """Label probabilities per plan, stepping a synchronous LLMEngine.
-
-    At most max_num_seqs texts are in flight, so the prompts waiting for their other labels stay in
-    the prefix cache (freed blocks join the tail of the LRU free queue: a just-finished prompt is evicted last).
-    """
-    window = engine.scheduler_config.max_num_seqs
-    num_labels = len(plans[0].label_ids)
-    scores: list[list[float]] = [[0.0] * num_labels for _ in plans]
-    num_left = [num_labels] * len(plans)
+    """Label probabilities per plan, stepping a synchronous LLMEngine."""
+    run = _ScoringRun(plans, engine.scheduler_config.max_num_seqs)
     in_flight: dict[str, tuple[int, int]] = {}  # request id -> (text index, label index)
-    next_text = num_done = 0
 
-    def submit(i: int, labels: range) -> None:
-        for j in labels:
+    def submit(pairs: list[tuple[int, int]]) -> None:
+        for i, j in pairs:
             rid = engine.next_request_id()
             engine.add_request(rid, plans[i].prompt(j), plans[i].params(), lora_request=lora_request)
             in_flight[rid] = (i, j)
 
     bar = tqdm(total=len(plans), desc="Classified prompts", disable=not use_tqdm, dynamic_ncols=True)
     try:
-        while next_text < len(plans) or in_flight:
-            while next_text < len(plans) and next_text - num_done < window:
-                submit(next_text, range(1))
-                next_text += 1
+        submit(run.start())
+        while in_flight:
             for out in engine.step():
-                if not out.finished or out.request_id not in in_flight:
-                    continue
-                i, j = in_flight.pop(out.request_id)
-                scores[i][j] = plans[i].label_logprob(j, out)
-                if j == 0:
-                    submit(i, range(1, num_labels))  # the prompt is cached now
-                num_left[i] -= 1
-                if num_left[i] == 0:
-                    num_done += 1
-                    bar.update(1)
+                if out.finished and out.request_id in in_flight:
+                    done_before = run.num_done
+                    submit(run.finish(*in_flight.pop(out.request_id), out))
+                    bar.update(run.num_done - done_before)
     except BaseException:
         engine.abort_request(list(in_flight))
         raise
     finally:
         bar.close()
-    return [softmax(row) for row in scores]
+    return run.probs()
 
 
 async def _final_output(stream: RequestStream) -> RequestOutput:
@@ -160,22 +185,18 @@ async def _final_output(stream: RequestStream) -> RequestOutput:
 async def score_with_async_engine(engine: AsyncLLM, plans: list[LabelScoringPlan], request_id: str,
                                   lora_request: LoRARequest | None = None) -> list[list[float]]:
     """Label probabilities per plan through AsyncLLM; cancelling the call aborts its engine requests."""
-    window = asyncio.Semaphore(engine.model_info().max_num_seqs)  # see score_with_engine
-    num_labels = len(plans[0].label_ids)
+    run = _ScoringRun(plans, engine.model_info().max_num_seqs)
 
-    async def score_label(i: int, j: int) -> float:
+    async def score(i: int, j: int) -> None:
         stream = engine.add_request(f"{request_id}-{i}-{j}", plans[i].prompt(j), plans[i].params(),
                                     lora_request=lora_request)
-        return plans[i].label_logprob(j, await _final_output(stream))
+        follow = run.finish(i, j, await _final_output(stream))
+        if follow:
+            await _gather_or_cancel([score(*pair) for pair in follow])
 
-    async def score_text(i: int) -> list[float]:
-        async with window:
-            first = await score_label(i, 0)
-            # the prompt is cached now
-            rest = await _gather_or_cancel([score_label(i, j) for j in range(1, num_labels)])
-            return softmax([first, *rest])
-
-    return await _gather_or_cancel([score_text(i) for i in range(len(plans))])
+    await _gather_or_cancel([score(*pair) for pair in run.start()])
+    assert run.is_done, "every text was scored"
+    return run.probs()
 
 
 async def _gather_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

@@ -195,9 +195,7 @@ class LLMEngine:
                           cache_salt=cache_salt)
             if child_params.structured_outputs is not None:
                 req.structured_output = self.structured_output.grammar_for(child_params.structured_outputs)
-            room = self.max_model_len - len(engine_prompt_ids)
-            req.max_tokens = room if child_params.max_tokens is None else min(child_params.max_tokens, room)
-            core.add_request(req)
+            core.add_request(req)  # NOTE: the scheduler clamps max_tokens to the context window, once
 
     # ---- LoRA adapters ---------------------------------------------------------------------
     def add_lora(self, lora_request: LoRARequest) -> AdapterInfo:
