@@ -45,7 +45,8 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     # Constrained decoding: the engine fills one int32 bitmask row (bit t of a row set = token t allowed)
-    # per sampled request in grammar_req_ids, in that order; the worker masks those rows' logits.
+    # per sampled request in grammar_req_ids, in that order (a request verifying proposals has 1 + their
+    # number of consecutive rows, one per position); the worker masks those rows' logits.
     grammar_req_ids: list[str] = field(default_factory=list)
     grammar_bitmask: object | None = None  # a torch int32 tensor [len(grammar_req_ids), ceil(vocab / 32)]
 

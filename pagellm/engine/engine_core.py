@@ -91,21 +91,29 @@ class EngineCore:
 
     def _fill_grammar_bitmask(self, sched_out) -> None:
         """One bitmask row per constrained request that samples this step, from its matcher's state."""
-        rows = []
+        rows = []  # (req_id, grammar, proposals): 1 + len(proposals) bitmask rows each
         for sched in sched_out.scheduled:
             if sched.sample:
                 grammar = self.scheduler.requests[sched.req_id].structured_output
                 if grammar is not None:
-                    rows.append((sched.req_id, grammar))
+                    rows.append((sched.req_id, grammar, sched.spec_token_ids))
         if not rows:
             return
-        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
-            num_rows = max(len(rows), self.scheduler_config.max_num_seqs)
-            self._bitmask = torch.full((num_rows, -(-self.vocab_size // 32)), -1, dtype=torch.int32)
-        for i, (_, grammar) in enumerate(rows):
-            grammar.fill_bitmask(self._bitmask, i)
-        sched_out.grammar_req_ids = [req_id for req_id, _ in rows]
-        sched_out.grammar_bitmask = self._bitmask[: len(rows)]
+        num_rows = sum(1 + len(proposals) for _, _, proposals in rows)
+        if self._bitmask is None or self._bitmask.shape[0] < num_rows:
+            size = max(num_rows, self.scheduler_config.max_num_seqs)
+            self._bitmask = torch.full((size, -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+        row = 0
+        req_ids = []
+        for req_id, grammar, proposals in rows:
+            if proposals:  # speculative decoding: the mask after each proposal too
+                grammar.fill_bitmasks(self._bitmask, row, proposals)
+            else:
+                grammar.fill_bitmask(self._bitmask, row)
+            req_ids += [req_id] * (1 + len(proposals))
+            row += 1 + len(proposals)
+        sched_out.grammar_req_ids = req_ids
+        sched_out.grammar_bitmask = self._bitmask[:num_rows]
 
     def finish_requests(self, req_ids: list[str]) -> None:
         """Finish requests that hit a stop string (detected after detokenization)."""

@@ -89,12 +89,10 @@ class NgramSpeculator:
         self._disabled: set[str] = set()
 
     def can_speculate(self, request: Request) -> bool:
-        """Only what verification reproduces exactly: no grammar, no penalties (they depend on the tokens
-        before each position), min_tokens met (it masks EOS by position)."""
-        params = request.sampling_params
-        return (request.req_id not in self._disabled and request.structured_output is None
-                and not params.has_penalties and request.num_output_tokens >= params.min_tokens
-                and request.num_output_tokens > 0)
+        """A decoding request whose proposals have not been switched off (with its grammar ready, if any)."""
+        grammar = request.structured_output
+        return (request.req_id not in self._disabled and request.num_output_tokens > 0
+                and (grammar is None or (grammar.is_ready() and not grammar.is_terminated())))
 
     def propose(self, requests: list[Request], capacity: int) -> None:
         """Set spec_token_ids of each decoding request (empty where there is nothing to propose)."""
@@ -109,8 +107,11 @@ class NgramSpeculator:
                 room = min(room, request.max_tokens - request.num_output_tokens - 1)
             num = min(config.num_speculative_tokens, room)
             if num > 0:
-                request.spec_token_ids = ngram_lookup(request.all_token_ids, config.prompt_lookup_min,
-                                                      config.prompt_lookup_max, num)
+                proposals = ngram_lookup(request.all_token_ids, config.prompt_lookup_min, config.prompt_lookup_max,
+                                         num)
+                if proposals and request.structured_output is not None:  # only what the grammar allows
+                    proposals = proposals[: request.structured_output.num_valid(proposals)]
+                request.spec_token_ids = proposals
 
     def record(self, req_id: str, num_proposed: int, num_accepted: int) -> None:
         self.stats.record(num_proposed, num_accepted)

@@ -118,6 +118,29 @@ class GrammarState:
     def fill_bitmask(self, bitmask, row: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
+    def num_valid(self, token_ids: list[int]) -> int:
+        """How many leading token_ids the grammar accepts from its current state (the state is unchanged)."""
+        matcher, num = self.matcher, 0
+        for token_id in token_ids:
+            if matcher.is_terminated() or not matcher.accept_token(token_id):
+                break
+            num += 1
+        if num:
+            matcher.rollback(num)
+        return num
+
+    def fill_bitmasks(self, bitmask, row: int, token_ids: list[int]) -> None:
+        """Speculative decoding: rows row .. row + len(token_ids), the masks after each prefix of token_ids
+        (all accepted by the grammar: num_valid checked them); the state is unchanged afterwards."""
+        matcher = self.matcher
+        matcher.fill_next_token_bitmask(bitmask, row)
+        for i, token_id in enumerate(token_ids):
+            accepted = matcher.accept_token(token_id)
+            assert accepted, "proposals are cut to what the grammar accepts"
+            matcher.fill_next_token_bitmask(bitmask, row + i + 1)
+        if token_ids:
+            matcher.rollback(len(token_ids))
+
 
 class StructuredOutputManager:
     """Builds grammars for one engine's tokenizer: validation, a compile pool and a compiled-grammar cache."""

@@ -159,7 +159,11 @@ class ModelRunner:
                 if lp is not None:
                     out.logprobs[req.req_id] = lp
         for req, req_logits in spec:
-            token_ids, logprobs = self.sampler.verify(req_logits, req)
+            masks = None
+            if req.req_id in so.grammar_req_ids:  # its consecutive bitmask rows, one per position
+                first = so.grammar_req_ids.index(req.req_id)
+                masks = so.grammar_bitmask[first : first + req_logits.shape[0]]
+            token_ids, logprobs = self.sampler.verify(req_logits, req, masks)
             out.sampled_token_ids[req.req_id] = token_ids[0]
             out.spec_token_ids[req.req_id] = token_ids[1:]
             if logprobs[0] is not None:

@@ -15,6 +15,7 @@ depend on the rest of the batch; unseeded rows share one batched draw.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -87,7 +88,8 @@ class Sampler:
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
 
-    def verify(self, logits: torch.Tensor, row: ScheduledRequest) -> tuple[list[int], list[TokenLogprob | None]]:
+    def verify(self, logits: torch.Tensor, row: ScheduledRequest, grammar_bitmask: torch.Tensor | None = None
+               ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Speculative decoding: the tokens one request emits this step, from the logits of its last computed
         token and of each proposal (``logits[i]`` predicts the token after proposal i; row 0 after the last
         accepted token), and their logprobs.
@@ -96,13 +98,25 @@ class Sampler:
         token for token what decoding one token a step gives. Random: proposal d at position i is accepted
         with probability p_i(d) (an n-gram proposal is a point mass: p_draft(d) = 1); on rejection the token
         is drawn from p_i with d removed, renormalised; if all are accepted one more is drawn from the last
-        row. Either way each emitted token is distributed as the target's p.
+        row. Either way each emitted token is distributed as the target's p. ``grammar_bitmask``: the
+        request's grammar mask at each position (int32 [1 + k, words]), applied first, as in sample().
         """
         drafts = row.spec_token_ids
         assert logits.shape[0] == len(drafts) + 1, f"{row.req_id}: {logits.shape[0]} rows for {len(drafts)} drafts"
         raw = logits[:, : self.vocab_size].float()  # [1 + k, vocab]
-        processed = process_logits(raw, [row] * raw.shape[0])  # logit bias only: verify skips penalties
         params = row.sampling_params
+        if params.has_penalties or params.min_tokens:
+            # NOTE: penalties and min_tokens read the tokens before each position: row i's include the
+            # first i proposals, as they would one token a step
+            rows = [dataclasses.replace(row, all_token_ids=row.all_token_ids + drafts[:i])
+                    for i in range(len(drafts) + 1)]
+        else:
+            rows = [row] * raw.shape[0]
+        masked = raw
+        if grammar_bitmask is not None:
+            masked = raw.clone()
+            _mask_inplace(masked, grammar_bitmask.to(raw.device))
+        processed = process_logits(masked, rows)
         if params.is_greedy or params.top_k == 1:
             best = processed.argmax(dim=-1).tolist()
             token_ids = []

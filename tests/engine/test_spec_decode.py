@@ -89,10 +89,12 @@ def test_greedy_outputs_equal_plain_decoding_at_batch_1_and_in_a_mixed_batch(tin
     base, spec = _engines(tiny_llama_dir)
     for prompt in REPETITIVE:  # batch 1
         assert _tokens(spec, [prompt], GREEDY) == _tokens(base, [prompt], GREEDY)
-    # a mixed batch: speculating requests beside ones that cannot (penalties) and a long prompt
-    prompts = REPETITIVE + ["The story begins " * 12]
+    # a mixed batch: penalties and min_tokens (which read the tokens before each verified position) beside
+    # plain requests and a long prompt
+    prompts = REPETITIVE + ["The story begins " * 12, REPETITIVE[0]]
     params = [GREEDY, GREEDY, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=1.3),
-              GREEDY, GREEDY]
+              SamplingParams(temperature=0, max_tokens=40, presence_penalty=0.5, frequency_penalty=0.3),
+              GREEDY, SamplingParams(temperature=0, max_tokens=40, min_tokens=30)]
     assert _tokens(spec, prompts, params) == _tokens(base, prompts, params)
     stats = _stats(spec)
     assert stats.num_draft_tokens > 50 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
@@ -212,3 +214,24 @@ def test_bundled_model_greedy_outputs_equal_plain_decoding():
     assert _tokens(spec, prompts[:1], params) == _tokens(base, prompts[:1], params)
     assert _tokens(spec, prompts, params) == _tokens(base, prompts, params)
     assert _stats(spec).num_accepted_tokens > 20
+
+
+def test_constrained_requests_speculate_within_their_grammar(tiny_llama_dir):
+    """The grammar masks every verified position: the same JSON token for token, and proposals are used."""
+    from pagellm.structured_output import StructuredOutputsParams
+
+    base, spec = _engines(tiny_llama_dir)
+    schema = {"type": "object", "properties": {"items": {"type": "array", "minItems": 6, "maxItems": 6,
+                                                          "items": {"type": "object", "properties": {
+                                                              "id": {"type": "integer", "minimum": 0,
+                                                                     "maximum": 9}}, "required": ["id"]}}},
+              "required": ["items"]}
+    constrained = SamplingParams(temperature=0, max_tokens=80,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+    prompts = ['Items: {"items": [{"id": 1}, {"id": 2}]} and again:', "List:"]
+    expected = base.generate(prompts, constrained, use_tqdm=False)
+    got = spec.generate(prompts, constrained, use_tqdm=False)
+    for a, b in zip(expected, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    assert _stats(spec).num_accepted_tokens > 5  # the repeated '{"id": ' structure is proposed and accepted
