@@ -61,3 +61,31 @@ def retriever(faq_index, embedder):
 
     meta, store, _ = open_index(faq_index, embedder)
     return Retriever(store, embedder, meta.calibration)
+
+
+@pytest.fixture(scope="session")
+def helpdesk_url(faq_index, embedder):
+    """`pagellm helpdesk serve` on a free loopback port for the session: the real engine (bundled SmolLM2)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from pagellm.apps.helpdesk.api import build_helpdesk_app
+    from pagellm.apps.helpdesk.cli import build_service
+    from tests.apps.conftest import _free_port
+
+    service = build_service(faq_index, max_tokens=24, embedder=embedder)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_helpdesk_app(service), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", service
+    server.should_exit = True
+    thread.join(30)
+    service.store.close()
