@@ -46,6 +46,7 @@ def clean_rest(text: str) -> str:
     text = _ROLE.sub(lambda m: m.group(1), text)
     text = text.replace("``", "").replace("::\n", ":\n")
     text = re.sub(r"^\.\. [a-z-]+::.*$", "", text, flags=re.M)
+    text = re.sub(r"^\.\. _[^:]+:\s*$", "", text, flags=re.M)  # a label (.. _why-self:) of the next heading
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 

@@ -208,7 +208,8 @@ class HelpdeskService:
         else:
             assert self.generator is not None
             parts = []
-            async for delta in self.generator.stream(build_messages(question, retrieval),
+            # NOTE: a follow-up is asked as rewritten: "and dictionary keys?" alone means nothing to the model
+            async for delta in self.generator.stream(build_messages(query, retrieval),
                                                      max_tokens or self.max_tokens, stats):
                 parts.append(delta)
                 yield Event("delta", delta)

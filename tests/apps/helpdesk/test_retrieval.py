@@ -71,6 +71,7 @@ def test_lexical_tokens_and_markup():
     assert lexical_tokens("How do I sort lists of __init__ methods?") == ["sort", "list", "init", "method"]
     assert clean_rest("Use :func:`sorted` or ``x.sort()``, see `the docs <https://d.org>`_.") == \
         "Use sorted or x.sort(), see the docs (https://d.org)."
+    assert clean_rest("One.\n\n.. _why-self:\n\nTwo.") == "One.\n\nTwo."
 
 
 def test_folder_knowledge_base_is_chunked(tmp_path):

@@ -42,7 +42,8 @@ function showSources(div, turn) {
 function addFeedback(div, turn) {
   const box = document.createElement("div");
   box.className = "feedback";
-  for (const [rating, label] of [[1, "👍"], [-1, "👎"]]) {
+  box.append("Helpful? ");
+  for (const [rating, label] of [[1, "yes"], [-1, "no"]]) {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = label;
