@@ -39,6 +39,14 @@ def add_helpdesk_parser(sub: Any) -> None:
     _add_answer_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    td = hsub.add_parser("train-data", formatter_class=fmt,
+                         help="chat rows for `pagellm finetune --task generate` (LoRA): each entry's question with "
+                              "its retrieved passages -> the start of its answer, citing it")
+    td.add_argument("--index", required=True)
+    td.add_argument("--out", required=True, help="JSONL of {messages}")
+    td.add_argument("--questions", default=None, help="also these {question, id} rows (e.g. paraphrases)")
+    td.set_defaults(func=cmd_train_data)
+
     ev = hsub.add_parser("eval", help="recall@1/@5 of dense, lexical and fused retrieval on a question set",
                          formatter_class=fmt)
     ev.add_argument("--index", required=True)
@@ -194,11 +202,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_rows(retriever: Any, questions: list[dict[str, Any]], max_sentences: int = 2) -> list[dict[str, Any]]:
+    """One {messages} row per question: the generation prompt the desk builds (same system prompt and passages)
+    and, as the assistant turn, the labelled entry's first sentences with its citation number."""
+    import re
+
+    from pagellm.apps.helpdesk.service import NUM_PASSAGES, build_messages
+
+    rows = []
+    for q in questions:
+        retrieval = retriever.retrieve(q["question"])
+        ids = [h.entry.id for h in retrieval.hits[:NUM_PASSAGES]]
+        if q["id"] not in ids:
+            continue  # the answer is not among the passages: nothing to ground a target on
+        entry = retrieval.hits[ids.index(q["id"])].entry
+        sentences = re.split(r"(?<=[.!?])\s+", " ".join(entry.answer.split()))
+        target = " ".join(sentences[:max_sentences]).rstrip()
+        messages = build_messages(q["question"], retrieval)
+        rows.append({"messages": messages + [{"role": "assistant", "content": f"{target} [{ids.index(q['id']) + 1}]"}]})
+    return rows
+
+
+def cmd_train_data(args: argparse.Namespace) -> int:
+    from pagellm.apps.helpdesk.retrieval import Retriever, open_index
+
+    meta, store, embedder = open_index(args.index)
+    retriever = Retriever(store, embedder, meta.calibration)
+    entries = store.entries(list(store.hashes()))
+    questions = [{"question": e.question, "id": e.id} for e in entries.values()]
+    if args.questions:
+        questions += [q for q in _questions(args.questions) if q.get("id")]
+    rows = training_rows(retriever, questions)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps({"rows": len(rows), "questions": len(questions)}))
+    store.close()
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pagellm.apps.helpdesk.retrieval import Retriever, open_index, recall_at
 
     meta, store, embedder = open_index(args.index)
-    questions = _questions(args.questions)
+    questions = [q for q in _questions(args.questions) if q.get("id")]  # out-of-scope rows have no entry
     rows = {}
     for name, kwargs in (("dense", {"use_lexical": False}), ("lexical", {"use_dense": False}), ("fused", {})):
         rows[name] = recall_at(Retriever(store, embedder, meta.calibration, **kwargs), questions)
