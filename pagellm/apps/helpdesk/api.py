@@ -187,8 +187,7 @@ def helpdesk_router(service: HelpdeskService) -> APIRouter:
 
 
 def _finish(turn: Turn) -> str:
-    return "length" if turn.mode == "generated" and turn.num_completion_tokens and not turn.answer.endswith(
-        (".", "!", "?")) else "stop"
+    return turn.finish_reason
 
 
 def _extra(turn: Turn) -> dict[str, Any]:

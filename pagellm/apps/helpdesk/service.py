@@ -73,6 +73,7 @@ class Turn:
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
     num_cached_tokens: int = 0
+    finish_reason: str = "stop"  # "length" when generation hit max_tokens
 
     def to_json(self) -> dict[str, Any]:
         return {"answer": self.answer, "mode": self.mode, "sources": self.sources,
@@ -155,6 +156,7 @@ class EngineGenerator:
                                            lora_request=self.lora_request):
             stats["num_cached_tokens"] = out.num_cached_tokens
             stats["num_completion_tokens"] = len(out.outputs[0].token_ids)
+            stats["finish_length"] = int(out.outputs[0].finish_reason == "length")
             if out.outputs[0].delta_text:
                 yield out.outputs[0].delta_text
 
@@ -217,6 +219,7 @@ class HelpdeskService:
         turn.num_prompt_tokens = stats.get("num_prompt_tokens", 0)
         turn.num_completion_tokens = stats.get("num_completion_tokens", 0)
         turn.num_cached_tokens = stats.get("num_cached_tokens", 0)
+        turn.finish_reason = "length" if stats.get("finish_length") else "stop"
         if session_id is not None:
             await asyncio.to_thread(self._record, session_id, question, turn)
         yield Event("done", turn=turn)

@@ -34,6 +34,7 @@ def test_openai_streams_a_generated_answer_with_citations_context(client, helpde
     first, last = chunks[0].model_extra["helpdesk"], chunks[-1].model_extra["helpdesk"]
     assert first["mode"] == "generated" and [s["id"] for s in first["sources"]][0] == "programming-010"
     assert len(first["sources"]) == 3 and last["turn_id"] is not None
+    assert chunks[-1].choices[0].finish_reason == "length"  # 16 tokens cut the answer
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert len([c for c in chunks if c.choices[0].delta.content]) >= 3 and text.strip()  # streamed in pieces
     # the fixed system prompt comes first: the second generated answer reuses its cached KV blocks
