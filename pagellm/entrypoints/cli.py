@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.apps.monitor.cli import add_monitor_parser
 
     add_monitor_parser(sub)
+    from pagellm.apps.helpdesk.cli import add_helpdesk_parser
+
+    add_helpdesk_parser(sub)
     return parser
 
 
