@@ -1,4 +1,4 @@
-"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor."""
+"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor, recommend."""
 
 from __future__ import annotations
 
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.apps.monitor.cli import add_monitor_parser
 
     add_monitor_parser(sub)
+    from pagellm.apps.recommend.cli import add_recommend_parser
+
+    add_recommend_parser(sub)
     return parser
 
 
