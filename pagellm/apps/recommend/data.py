@@ -76,10 +76,16 @@ class Dataset:
     def user_ids(self) -> list[str]:
         return sorted(self.by_user, key=_natural_key)
 
-    def slice_users(self, num_users: int) -> Dataset:
-        """The first `num_users` users (natural id order) with all items: the tests' small slice."""
+    def slice_users(self, num_users: int, only_rated_items: bool = False) -> Dataset:
+        """The first `num_users` users (natural id order), with all items or only those they rated: the tests'
+        small slice."""
         keep = set(self.user_ids[:num_users])
-        return Dataset(self.items, [i for i in self.interactions if i.user_id in keep], self.name)
+        inter = [i for i in self.interactions if i.user_id in keep]
+        items = self.items
+        if only_rated_items:
+            rated = {i.item_id for i in inter}
+            items = [item for item in self.items if item.item_id in rated]
+        return Dataset(items, inter, self.name)
 
 
 def _natural_key(user_id: str) -> tuple[int, str]:
