@@ -80,6 +80,11 @@ def format_report(report: dict[str, Any]) -> str:
     if cold:
         lines += ["", f"cold start: {cold['num_users']} users, {cold['history_items']} known items each"]
         lines += [f"{name:<16}{m['hr@10']:>8.4f}{m['ndcg@10']:>9.4f}" for name, m in cold["methods"].items()]
+        if cold.get("finetuned_subset"):
+            lines += [f"cold start, the first {cold['finetuned_subset']['num_users']} users, with the fine-tuned "
+                      "scorer"]
+            lines += [f"{name:<16}{m['hr@10']:>8.4f}{m['ndcg@10']:>9.4f}"
+                      for name, m in cold["finetuned_subset"]["methods"].items()]
     return "\n".join(lines)
 
 

@@ -155,7 +155,8 @@ def evaluate(model_dir: str | Path, max_users: int | None = None, cold_users: in
     """HR@10 / NDCG@10 of every method on the same test candidates, and cold start on each user's last 3 items.
 
     The cross scorer (and so `combined`) scores the first `finetuned_users` users (None: all); when that is fewer
-    than all, "methods" holds the cheap methods over all users and "finetuned_subset" every method over those."""
+    than all, "methods" holds the cheap methods over all users and "finetuned_subset" every method over those
+    (the same for "cold_start")."""
     import joblib
 
     model_dir = Path(model_dir)
@@ -193,10 +194,20 @@ def evaluate(model_dir: str | Path, max_users: int | None = None, cold_users: in
         cold_cases = cases[:cold_users]
         t = time.perf_counter()
         cold = feature_matrices(cases_to_histories(data, cold_cases, keep_last=COLD_START_ITEMS), behaviour,
-                                vectors, cross)
+                                vectors, None)
+        report["cold_start"] = {"num_users": len(cold_cases), "history_items": COLD_START_ITEMS}
+        cold_sub = cold_cases[:finetuned_users] if finetuned_users else cold_cases
+        if cross is not None:
+            cold_cross = feature_matrices(cases_to_histories(data, cold_sub, keep_last=COLD_START_ITEMS), behaviour,
+                                          vectors, cross)
+        if cross is not None and len(cold_sub) == len(cold_cases):
+            report["cold_start"]["methods"] = _methods(cold_cross, rankers, True)
+        else:
+            report["cold_start"]["methods"] = _methods(cold, rankers, False)
+            if cross is not None:
+                report["cold_start"]["finetuned_subset"] = {"num_users": len(cold_sub),
+                                                            "methods": _methods(cold_cross, rankers, True)}
         timings["cold_features_s"] = round(time.perf_counter() - t, 2)
-        report["cold_start"] = {"num_users": len(cold_cases), "history_items": COLD_START_ITEMS,
-                                "methods": _methods(cold, rankers, cross is not None)}
     report["timings"] = timings
     return report
 

@@ -37,10 +37,11 @@ def test_evaluate_reports_every_method_and_cold_start(trained_model, capsys):
         assert 0.0 <= m["ndcg@10"] <= m["hr@10"] <= 1.0
     assert report["cold_start"]["history_items"] == 3
     assert main(["recommend", "evaluate", "--model", str(out), "--max-users", "4", "--finetuned-users", "1",
-                 "--cold-users", "0", "--json"]) == 0
+                 "--cold-users", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["methods"]) == METHODS - {"finetuned", "combined"}
     assert printed["finetuned_subset"]["num_users"] == 1 and set(printed["finetuned_subset"]["methods"]) == METHODS
+    assert printed["cold_start"]["num_users"] == 2 and printed["cold_start"]["finetuned_subset"]["num_users"] == 1
 
 
 @pytest.mark.parametrize("mode", ["fast", "full"])
