@@ -22,6 +22,8 @@ def add_recommend_parser(sub: Any) -> None:
     tr.add_argument("--pairs-per-user", type=int, default=1, help="cross-scorer positives per user (+1 negative each)")
     tr.add_argument("--cross-valid-users", type=int, default=200,
                     help="validation users whose pairs the cross scorer scores to train the full ranker")
+    tr.add_argument("--store", default=None,
+                    help="a postgresql:// URI (PostgreSQL with pgvector) instead of store.sqlite in --out")
     tr.add_argument("--encoder", default=None, help="embedding / cross-scorer base model (default: bundled MiniLM)")
     tr.set_defaults(func=cmd_train)
     ev = rsub.add_parser("evaluate", help="HR@10 and NDCG@10 of every method on held-out last items",
@@ -60,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pagellm.apps.recommend.semantic import CrossScorerSettings
 
     settings = TrainSettings(seed=args.seed, max_users=args.max_users, encoder=args.encoder,
-                             cross_valid_users=args.cross_valid_users,
+                             cross_valid_users=args.cross_valid_users, store=args.store,
                              cross=CrossScorerSettings(pairs_per_user=args.pairs_per_user, seed=args.seed))
     report = train(load_data(args), args.out, settings)
     print(json.dumps({"out": args.out, "users": report["num_users"], "items": report["num_items"],

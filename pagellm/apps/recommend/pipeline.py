@@ -54,6 +54,7 @@ class TrainSettings:
     # NOTE: the cross scorer runs ~50-130 pairs/s on 2 cores, so the full ranker learns from the validation cases
     # of the first N users only (N x (1 + num_valid_negatives) pairs); the fast ranker from all of them
     cross_valid_users: int | None = 200
+    store: str | None = None  # None: store.sqlite in the model folder; or a postgresql:// URI (pgvector)
     cross: CrossScorerSettings = field(default_factory=CrossScorerSettings)
 
 
@@ -95,7 +96,7 @@ def train(data: Dataset, out: str | Path, settings: TrainSettings) -> dict[str, 
     t = time.perf_counter()
     encoder = BiEncoder(settings.encoder)
     vectors = encoder.embed([item.text for item in data.items])
-    store = open_store(out / STORE_FILE)
+    store = open_store(settings.store or out / STORE_FILE)
     store.save_items(data.items, vectors)
     store.save_interactions(data.interactions)
     store.close()
@@ -142,8 +143,12 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def store_location(model_dir: str | Path) -> str | Path:
+    return read_config(model_dir)["settings"].get("store") or Path(model_dir) / STORE_FILE
+
+
 def load_dataset(model_dir: str | Path) -> Dataset:
-    store = open_store(Path(model_dir) / STORE_FILE)
+    store = open_store(store_location(model_dir))
     try:
         return Dataset(store.items(), store.interactions(), read_config(model_dir)["dataset"])
     finally:
@@ -165,7 +170,7 @@ def evaluate(model_dir: str | Path, max_users: int | None = None, cold_users: in
     data = load_dataset(model_dir)
     split = leave_last_out(data, settings["num_negatives"], settings["num_valid_negatives"], settings["seed"])
     cases = split.test[:max_users] if max_users else split.test
-    store = open_store(model_dir / STORE_FILE)
+    store = open_store(store_location(model_dir))
     vectors = store.item_vectors()
     store.close()
     behaviour = joblib.load(model_dir / "behaviour.joblib")

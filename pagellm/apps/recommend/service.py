@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pagellm.apps.recommend.data import Dataset
-from pagellm.apps.recommend.pipeline import STORE_FILE, cross_fn, leave_last_out, load_dataset, read_config
+from pagellm.apps.recommend.pipeline import cross_fn, leave_last_out, load_dataset, read_config, store_location
 from pagellm.apps.recommend.ranker import Histories, feature_matrices
 from pagellm.apps.recommend.semantic import BiEncoder, CrossScorer, pair_text, profile_text, profile_weights
 from pagellm.apps.recommend.store import open_store
@@ -61,7 +61,7 @@ class RecommendService:
         # NOTE: the model serves what it was fit on (all but each user's held-out last item), so `evaluate` and
         # `serve` describe the same model
         self.data = Dataset(data.items, split.train, data.name)
-        store = open_store(model_dir / STORE_FILE)
+        store = open_store(store_location(model_dir))
         self.vectors = store.item_vectors()
         store.close()
         self.behaviour = joblib.load(model_dir / "behaviour.joblib")

@@ -72,5 +72,10 @@ class SQLiteStore:
         self.conn.close()
 
 
-def open_store(path: str | Path) -> RecommendStore:
-    return SQLiteStore(path)
+def open_store(location: str | Path) -> RecommendStore:
+    """A SQLite file path, or a postgresql:// URI (PostgreSQL with pgvector)."""
+    if str(location).startswith(("postgresql://", "postgres://")):
+        from pagellm.apps.recommend.store_postgres import PostgresStore
+
+        return PostgresStore(str(location))
+    return SQLiteStore(location)
