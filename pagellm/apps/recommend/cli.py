@@ -18,6 +18,8 @@ def add_recommend_parser(sub: Any) -> None:
     tr.add_argument("--items", default=None, help="JSONL: {item_id, title, year?, genres?, description?}")
     tr.add_argument("--out", required=True, help="model folder to write")
     tr.add_argument("--seed", type=int, default=0, help="negative sampling, cross-scorer pairs, ranker")
+    tr.add_argument("--num-negatives", type=int, default=99, help="sampled never-rated items per test target")
+    tr.add_argument("--num-valid-negatives", type=int, default=19, help="the same for the ranker's validation cases")
     tr.add_argument("--max-users", type=int, default=None, help="train on the first N users only (a quick run)")
     tr.add_argument("--pairs-per-user", type=int, default=1, help="cross-scorer positives per user (+1 negative each)")
     tr.add_argument("--cross-valid-users", type=int, default=200,
@@ -61,7 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pagellm.apps.recommend.pipeline import TrainSettings, train
     from pagellm.apps.recommend.semantic import CrossScorerSettings
 
-    settings = TrainSettings(seed=args.seed, max_users=args.max_users, encoder=args.encoder,
+    settings = TrainSettings(seed=args.seed, num_negatives=args.num_negatives,
+                             num_valid_negatives=args.num_valid_negatives, max_users=args.max_users,
+                             encoder=args.encoder,
                              cross_valid_users=args.cross_valid_users, store=args.store,
                              cross=CrossScorerSettings(pairs_per_user=args.pairs_per_user, seed=args.seed))
     report = train(load_data(args), args.out, settings)
