@@ -87,7 +87,7 @@ class RecommendService:
     # ---- one request ---------------------------------------------------------------------------
     def recommend(self, user_id: str | None = None, history: Sequence[str] | None = None,
                   candidates: Sequence[str] | None = None, exclude_seen: bool = True, k: int = 10,
-                  mode: str = "full") -> dict[str, Any]:
+                  mode: str = "fast") -> dict[str, Any]:
         self._check(user_id, history, candidates, k, mode)
         if mode == "full" and self.cross is None:
             raise InvalidRequest("this server was started without the fine-tuned scorer; use mode fast",

@@ -69,7 +69,7 @@ def test_candidates_limit_the_ranking_and_exclude_seen_filters(service):
 
 def test_cold_start_history_by_title_and_outside_text(service):
     titles = [service.data.items[i].label for i in range(3)]
-    out = service.recommend(history=[*titles, "a heist film set in a casino"], k=4)
+    out = service.recommend(history=[*titles, "a heist film set in a casino"], k=4, mode="full")
     recs = out["data"]
     assert len(recs) == 4 and not set(titles) & {r["title"] for r in recs}
     sources = {b["title"] for r in recs for b in r["because"]}
@@ -117,4 +117,4 @@ def test_served_over_http(serve_app, service):
     health = httpx.get(f"{base}/v1/recommend/health").json()
     assert health["users"] == 15 and health["modes"] == ["fast", "full"]
     resp = httpx.post(f"{base}/v1/recommend", json={"user_id": 1, "k": 3}, timeout=60)
-    assert resp.status_code == 200 and len(resp.json()["data"]) == 3
+    assert resp.status_code == 200 and len(resp.json()["data"]) == 3 and resp.json()["mode"] == "fast"
