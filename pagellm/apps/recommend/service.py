@@ -19,7 +19,7 @@ import numpy as np
 from pagellm.apps.recommend.data import Dataset
 from pagellm.apps.recommend.pipeline import cross_fn, leave_last_out, load_dataset, read_config, store_location
 from pagellm.apps.recommend.ranker import Histories, feature_matrices
-from pagellm.apps.recommend.semantic import BiEncoder, CrossScorer, pair_text, profile_text, profile_weights
+from pagellm.apps.recommend.semantic import BiEncoder, CrossScorer, pair_text, profile_weights
 from pagellm.apps.recommend.store import open_store
 from pagellm.errors import InvalidRequest
 
@@ -194,9 +194,3 @@ class RecommendService:
         top = sorted(best.items(), key=lambda kv: -kv[1][1])[:NUM_EXPLANATIONS]
         return [{"item_id": item_id, "title": title, "weight": round(weight, 4)} for title, (item_id, weight) in top]
 
-
-def profile_of(service: RecommendService, user_id: str) -> str:
-    """The profile text the cross scorer reads for a known user."""
-    events = service.data.by_user[user_id]
-    return profile_text([service.data.items[service.data.item_index[e.item_id]] for e in events],
-                        [e.rating for e in events])
