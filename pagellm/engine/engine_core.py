@@ -145,4 +145,4 @@ class EngineCore:
             if sched.spec_token_ids and sched.req_id in runner_out.sampled_token_ids:
                 speculator.record(sched.req_id, len(sched.spec_token_ids),
                                   len(runner_out.spec_token_ids.get(sched.req_id, ())))
-        speculator.propose(self.scheduler.running, self._capacity)
+        speculator.propose(self.scheduler.running, self._capacity, self.worker.max_fused_rows)

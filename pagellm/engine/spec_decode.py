@@ -94,8 +94,13 @@ class NgramSpeculator:
         return (request.req_id not in self._disabled and request.num_output_tokens > 0
                 and (grammar is None or (grammar.is_ready() and not grammar.is_terminated())))
 
-    def propose(self, requests: list[Request], capacity: int) -> None:
-        """Set spec_token_ids of each decoding request (empty where there is nothing to propose)."""
+    def propose(self, requests: list[Request], capacity: int, max_rows: int | None = None) -> None:
+        """Set spec_token_ids of each decoding request (empty where there is nothing to propose).
+
+        max_rows: the most decode rows (tokens plus proposals) a step may verify and stay on the worker's
+        fused decode path; proposals are trimmed, longest first, to fit. Past it the step would take the
+        eager path, slower per row (and summing floats in another order).
+        """
         config = self.config
         for request in requests:
             request.spec_token_ids = []
@@ -112,6 +117,13 @@ class NgramSpeculator:
                 if proposals and request.structured_output is not None:  # only what the grammar allows
                     proposals = proposals[: request.structured_output.num_valid(proposals)]
                 request.spec_token_ids = proposals
+        if max_rows is not None:
+            decoding = [r for r in requests if r.num_tokens - r.num_computed_tokens == 1]
+            extra = sum(len(r.spec_token_ids) for r in decoding) - max(0, max_rows - len(decoding))
+            while extra > 0:
+                longest = max(decoding, key=lambda r: len(r.spec_token_ids))
+                longest.spec_token_ids = longest.spec_token_ids[:-1]
+                extra -= 1
 
     def record(self, req_id: str, num_proposed: int, num_accepted: int) -> None:
         self.stats.record(num_proposed, num_accepted)

@@ -34,7 +34,7 @@ from pagellm.model.pooling import classification_probs, maybe_normalize, pool, r
 from pagellm.model_source import ModelSource, resolve_model, resolve_pooling_model
 from pagellm.outputs import ModelRunnerOutput
 from pagellm.pooling_params import ENCODER_DEFAULT_POOLER, POOLING_TASKS, PoolerConfig
-from pagellm.worker.model_runner import ModelRunner, kv_bytes_per_block
+from pagellm.worker.model_runner import FUSED_MAX_ROWS, ModelRunner, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,11 @@ class Worker:
                                   compile=self.model_config.compile, max_num_seqs=scheduler_config.max_num_seqs,
                                   kv_dtype=self.kv_dtype(cache_config), device=self.device)
         logger.info("KV cache: %d blocks of %d tokens", cache_config.num_blocks, cache_config.block_size)
+
+    @property
+    def max_fused_rows(self) -> int | None:
+        """The most decode rows a step may have and still run the fused C++ decode stack; None without it."""
+        return FUSED_MAX_ROWS if self.runner is not None and self.runner.fused_decode is not None else None
 
     # ---- steps ----------------------------------------------------------------------------------
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

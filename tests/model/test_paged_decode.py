@@ -42,3 +42,21 @@ def test_kernel_matches_torch_path(lengths, heads, dtype, head_dim):
     assert ours.dtype == q.dtype and ours.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (ours.float() - ref.float()).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_a_rows_attention_does_not_depend_on_the_rows_beside_it(head_dim):
+    """Bitwise: a sequence's output alone equals its output beside sequences of other lengths (the splits of
+    a long context are fixed by its own length). Greedy outputs and speculative verification rely on it."""
+    kernel = load_kernel()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the torch path is the only one")
+    lengths = [300, 41, 700, 129, 5]
+    q, k_cache, v_cache, meta = _case(lengths, 9, 3, torch.float32, block_size=16, head_dim=head_dim)
+    together = _decode_attention(q, k_cache, v_cache, meta, 0.25, kernel)
+    for i, length in enumerate(lengths):
+        one = AttentionMetadata(slot_mapping=meta.slot_mapping, num_decode_tokens=1,
+                                decode_block_table=meta.decode_block_table[i : i + 1], decode_max_len=length,
+                                decode_seq_lens=torch.tensor([length]))
+        alone = _decode_attention(q[i : i + 1], k_cache, v_cache, one, 0.25, kernel)
+        assert torch.equal(alone[0], together[i]), length

@@ -1,7 +1,7 @@
 // Paged decode attention for CPU: one query token per sequence attends to its KV blocks where they lie
 // in the cache (no gather into a padded tensor). Work items are (sequence, KV head, split): the query
-// heads of one GQA group share each key/value row read, and a long context is cut into splits so
-// that a small batch still has work for every thread (each split keeps its own softmax max and sum;
+// heads of one GQA group share each key/value row read, and a long context is cut into splits of a fixed
+// length so that a small batch still has work for every thread (each split keeps its own softmax max and sum;
 // the splits are merged at the end, as in flash-decoding).
 #include "kernels.h"
 
@@ -14,7 +14,7 @@
 
 namespace {
 
-constexpr int64_t kMinSplitTokens = 64;  // a split shorter than this costs more to merge than it saves
+constexpr int64_t kSplitTokens = 128;  // positions per split (shorter ones cost more to merge than they save)
 
 template <typename T>
 inline const float* row_as_float(const T* row, float* scratch, int64_t n) {
@@ -104,16 +104,11 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
   const int64_t row_stride = num_kv_heads * head_dim;  // between tokens of one block
   const int64_t max_len = *std::max_element(seq_lens, seq_lens + num_seqs);
   const int64_t pairs = num_seqs * num_kv_heads;
-  const int64_t threads = at::get_num_threads();
-  const int64_t wanted = (4 * threads + pairs - 1) / pairs;  // ~4 items per thread
-  int64_t splits = std::max<int64_t>(1, std::min(wanted, max_len / kMinSplitTokens));
-  // NOTE: a count of items that the threads share evenly (3 KV heads on 2 threads: 2 or 4 splits, not 3)
-  for (int64_t s = splits; s >= 2; --s) {
-    if ((pairs * s) % threads == 0) {
-      splits = s;
-      break;
-    }
-  }
+  // NOTE: splits of a fixed kSplitTokens positions: a sequence's split boundaries, and so the order its partial
+  // softmaxes are merged in, depend on its own length only, never on the batch or the thread count, so a row's
+  // output is the same alone or beside others (greedy outputs and speculative verification rely on it).
+  // Splits past a sequence's end are empty and skipped.
+  const int64_t splits = std::max<int64_t>(1, (max_len + kSplitTokens - 1) / kSplitTokens);
   // per (pair, split, group head): unnormalized output [head_dim], running max, sum of exponentials
   std::vector<float> part_out(pairs * splits * group * head_dim);
   std::vector<float> part_max(pairs * splits * group, -std::numeric_limits<float>::infinity());
@@ -124,8 +119,7 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
       const int64_t pair = item / splits, split = item % splits;
       const int64_t seq = pair / num_kv_heads, kv_head = pair % num_kv_heads;
       const int64_t len = seq_lens[seq];
-      const int64_t chunk = (len + splits - 1) / splits;
-      const int64_t t0 = std::min(len, split * chunk), t1 = std::min(len, t0 + chunk), n = t1 - t0;
+      const int64_t t0 = std::min(len, split * kSplitTokens), t1 = std::min(len, t0 + kSplitTokens), n = t1 - t0;
       float* o = part_out.data() + item * group * head_dim;
       std::fill(o, o + group * head_dim, 0.f);
       if (n <= 0) continue;
