@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagellm.apps.helpdesk.service import HelpdeskService, SessionNotFound, Turn, check_question
+from pagellm.apps.web import mount_page
 from pagellm.entrypoints.openai.errors import APIError, install_error_handlers, stream_error_event
 from pagellm.errors import InvalidRequest
 
@@ -227,10 +227,5 @@ def build_helpdesk_app(service: HelpdeskService) -> FastAPI:
     app = FastAPI(title="pagellm help desk", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(helpdesk_router(service))
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
-
+    mount_page(app, STATIC_DIR)
     return app

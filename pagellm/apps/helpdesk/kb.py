@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from pagellm.apps.files import jsonl_objects
 from pagellm.errors import InvalidRequest
 
 CHUNK_WORDS = 200
@@ -67,13 +68,7 @@ def load_kb(path: str | Path) -> list[Entry]:
 
 def _load_jsonl(path: Path) -> list[Entry]:
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{path} line {number}: not JSON ({exc.msg})", param="kb") from exc
+    for number, obj in jsonl_objects(path, "kb"):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip()
                                                 for k in ("question", "answer")):
             raise InvalidRequest(f"{path} line {number}: an entry needs non-empty question and answer strings",

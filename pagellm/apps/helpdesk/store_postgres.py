@@ -9,7 +9,6 @@ FTS5's bm25(), on the same stemmed tokens, so both stores rank the same entries 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from pagellm.apps.helpdesk.kb import Entry
 from pagellm.apps.helpdesk.store import BM25_B, BM25_K1
+from pagellm.apps.web import open_postgres
 
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -54,13 +54,8 @@ class PostgresStore:
     """HelpdeskStore in a PostgreSQL database (tables prefixed helpdesk_); one connection, serialized."""
 
     def __init__(self, uri: str, dim: int) -> None:
-        import psycopg
-
         self.dim = dim
-        self._db = psycopg.connect(uri, autocommit=True)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(_SCHEMA.replace("{dim}", str(int(dim))))
+        self._db, self._lock = open_postgres(uri, _SCHEMA.replace("{dim}", str(int(dim))))
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

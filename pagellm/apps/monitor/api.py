@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query
-from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from pagellm.apps.monitor.service import MonitorService, parse_item
+from pagellm.apps.web import mount_page
 from pagellm.entrypoints.openai.errors import APIError, install_error_handlers
 from pagellm.errors import InvalidRequest
 
@@ -74,10 +74,5 @@ def build_monitor_app(service: MonitorService) -> FastAPI:
     app = FastAPI(title="pagellm monitor")
     install_error_handlers(app)
     app.include_router(monitor_router(service))
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
-
+    mount_page(app, STATIC_DIR)
     return app

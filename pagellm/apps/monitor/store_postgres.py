@@ -7,12 +7,12 @@ monitor whose results several processes read, or that outlives one machine's dis
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict
 from typing import Any
 
 from pagellm.apps.monitor.detector import Alert, TopicState
 from pagellm.apps.monitor.store import StoredAlert, TextResult
+from pagellm.apps.web import open_postgres
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS monitor_texts (seq BIGINT PRIMARY KEY, id TEXT UNIQUE NOT NULL,
@@ -29,12 +29,7 @@ class PostgresStore:
     """MonitorStore in a PostgreSQL database (tables prefixed monitor_); one connection, serialized."""
 
     def __init__(self, uri: str) -> None:
-        import psycopg
-
-        self._db = psycopg.connect(uri, autocommit=True)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(_SCHEMA)
+        self._db, self._lock = open_postgres(uri, _SCHEMA)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

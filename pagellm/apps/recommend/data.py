@@ -10,13 +10,13 @@ seed. HR@10 / NDCG@10 over the users.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from pagellm.apps.files import jsonl_objects
 from pagellm.errors import InvalidRequest
 
 MOVIELENS_100K = "movielens-100k"
@@ -124,13 +124,7 @@ def load_custom(interactions_csv: str, items_jsonl: str) -> Dataset:
     """`interactions.csv` with user_id,item_id[,rating][,timestamp] and `items.jsonl` lines {"item_id", "title",
     "year"?, "genres"?, "description"?}; every problem names the file and row."""
     items, seen = [], set()
-    for n, line in enumerate(Path(items_jsonl).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{items_jsonl} line {n}: not JSON ({exc.msg})", param="items") from exc
+    for n, obj in jsonl_objects(items_jsonl, "items"):
         if not isinstance(obj, dict) or not str(obj.get("item_id", "")).strip() or \
                 not str(obj.get("title", "")).strip():
             raise InvalidRequest(f"{items_jsonl} line {n}: an item needs item_id and title", param="items")

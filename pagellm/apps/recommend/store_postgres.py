@@ -8,12 +8,12 @@ names the database instead of store.sqlite.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from pagellm.apps.recommend.data import Interaction, Item
+from pagellm.apps.web import open_postgres
 
 _SCHEMA = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -28,12 +28,7 @@ class PostgresStore:
     """RecommendStore in a PostgreSQL database (tables prefixed recommend_); one connection, serialized."""
 
     def __init__(self, uri: str) -> None:
-        import psycopg
-
-        self._db = psycopg.connect(uri, autocommit=True)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(_SCHEMA)
+        self._db, self._lock = open_postgres(uri, _SCHEMA)
 
     def save_items(self, items: Sequence[Item], vectors: np.ndarray) -> None:
         assert len(items) == vectors.shape[0], "one vector per item"
