@@ -65,9 +65,8 @@ def concurrent_sessions(service, questions: list[str], num_sessions: int, per_se
     import uvicorn
 
     from pagellm.apps.helpdesk.api import build_helpdesk_app
-    from tests.apps.conftest import _free_port
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_helpdesk_app(service), host="127.0.0.1", port=port,
                                            log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -107,6 +106,14 @@ def concurrent_sessions(service, questions: list[str], num_sessions: int, per_se
     return {"sessions": num_sessions, "answers": len(ttfts), "answers_per_s": len(ttfts) / wall,
             "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99),
             "modes": {m: modes.count(m) for m in sorted(set(modes))}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def main() -> None:
