@@ -171,12 +171,14 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         if lora_request is not None and self.lora_requests.get(lora_request.lora_int_id) != lora_request:
             self.add_lora(lora_request)  # new, or refused when the id names another adapter
-        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_inputs(prompt, params,
-                                                                                            lora_request)
-        if processed.num_virtual_tokens != (self._adapters[processed.lora_id].num_virtual_tokens
-                                            if processed.lora_id else 0):
-            processed = self.process_inputs({"prompt": processed.text, "prompt_token_ids": processed.prompt_ids},
-                                            params, lora_request)  # the adapter was loaded after processing
+        if isinstance(prompt, ProcessedPrompt):
+            # NOTE: processed before its adapter was registered (just above), it may lack the virtual tokens
+            adapter = self._adapters.get(prompt.lora_id)
+            stale = adapter is not None and adapter.num_virtual_tokens != prompt.num_virtual_tokens
+            processed = self.process_inputs({"prompt": prompt.text, "prompt_token_ids": prompt.prompt_ids}, params,
+                                            lora_request) if stale else prompt
+        else:
+            processed = self.process_inputs(prompt, params, lora_request)
         children = (
             {request_id: params} if params.n == 1
             else {f"{request_id}-{i}": params.clone_for_child(i) for i in range(params.n)}
