@@ -245,84 +245,147 @@ void dense_rows_avx2(const float* x, const T* w, float* out, int64_t N, int64_t 
 // groups (low nibbles: inputs 0-15 of both, high nibbles: inputs 16-31), and the activations of the pair
 // are stored to match, so the pair costs two maddubs, an int16 add (at most 4 * 15 * 127 a lane) and one
 // madd, with no shuffles; the int32 lanes are 4 of group 2p then 4 of group 2p + 1.
-template <int M>
-void int4_rows_q8_avx2(const int8_t* xq, const float* xd, const float* xsum, const uint8_t* q, const at::Half* scales,
-                       const at::Half* mins, float* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+//
+// Register blocking: 4 weight rows (output channels) against 1-2 activation rows at a time, one FMA chain
+// per (row, channel): the 4 channels keep 4-8 chains in flight, and the 4 sums of a row come out of one
+// horizontal-add tree, with the min term added to the 4 at once. The pair's weight scale vector
+// (scale of 2p x4 | scale of 2p + 1 x4) is built once per block of channels, the activations' (d of 2p x4
+// | d of 2p + 1 x4) once per call, so the combined scale is one multiply. The earlier version (one channel,
+// 8 rows, 2 chains each: more accumulators than the 16 ymm registers, scalar scale broadcasts, a scalar
+// reduction and min term per output) ran at about a quarter of this loop's issue rate.
+constexpr int kBlockN = 4;
+constexpr int kBlockM = 2;
+
+// (v[2p] x4 | v[2p + 1] x4) for each pair p of `groups` floats (an odd last group: (v[g] x4 | 0))
+inline void pair_scales(const float* v, int64_t groups, __m256* out) {
+  const __m256i lo_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  const __m256i idx4 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), idx6 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 x = _mm256_loadu_ps(v + g);
+    out[g / 2] = _mm256_permutevar8x32_ps(x, lo_idx);
+    out[g / 2 + 1] = _mm256_permutevar8x32_ps(x, hi_idx);
+    out[g / 2 + 2] = _mm256_permutevar8x32_ps(x, idx4);
+    out[g / 2 + 3] = _mm256_permutevar8x32_ps(x, idx6);
+  }
+  for (; g < groups; g += 2) {
+    const float b = g + 1 < groups ? v[g + 1] : 0.f;
+    out[g / 2] = _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(v[g]));
+  }
+}
+
+// (sum of a's lanes, of b's, of c's, of d's)
+inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+// out[m * N + j] for activation rows m < R against the 4 weight rows `rows` (j < nvalid are stored).
+// sv: the rows' pair scales, sv_stride apart; xdv: the activations' pair scales, xdv_stride apart;
+// mn: the 4 rows' mins as float, gpad apart, and xsum the activation rows' block sums, gpad apart (both
+// zero past `groups`). Each output's arithmetic is fixed (one FMA chain over the pairs,
+// the same add tree, then the odd last group, then the min term) whatever R, nvalid or the rows beside
+// it: a row's result never depends on the batch (greedy outputs do not, and speculative verification
+// reproduces plain decoding).
+template <int R>
+inline void int4_q8_block(const int8_t* xq, int64_t K, const __m256* xdv, int64_t xdv_stride, const float* xsum,
+                          int64_t gpad, const uint8_t* const* rows, const __m256* sv, int64_t sv_stride,
+                          const float* mn, float* out, int64_t N, int nvalid) {
   const int64_t groups = K / kGroup, pairs = groups / 2;
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  // NOTE: two FMA chains for every row count: one row needs them (or FMA latency bounds the loop), and the
-  // same summation order for any M keeps a row's result independent of the rows beside it, so greedy
-  // outputs do not depend on the batch and speculative verification reproduces plain decoding
-  constexpr int kChains = 2;
-  alignas(32) float sc[kMaxGroups], mn[kMaxGroups];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = q + n * (K / 2);
-    if (n + kPrefetchRows < N) {
-      prefetch_bytes(row + kPrefetchRows * (K / 2), K / 2);
-      prefetch_bytes(scales + (n + kPrefetchRows) * groups, groups * 2);
-      prefetch_bytes(mins + (n + kPrefetchRows) * groups, groups * 2);
-    }
-    half_to_float(scales + n * groups, sc, groups);
-    half_to_float(mins + n * groups, mn, groups);
-    if constexpr (M == 1) {  // fold the activation block scales in once
-      for (int64_t g = 0; g < groups; ++g) sc[g] *= xd[g];
-    }
-    __m256 acc[M][kChains];
-    for (int m = 0; m < M; ++m)
-      for (int c = 0; c < kChains; ++c) acc[m][c] = _mm256_setzero_ps();
-    // the pair's contribution to row m: (dot of group 2p | dot of group 2p + 1) * their scales
-    auto pair_step = [&](int64_t p, __m256i lo, __m256i hi, int m, __m256 acc_in) {
-      const int8_t* a = xq + m * K + p * 2 * kGroup;
-      const __m256i s16 =
-          _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
-                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + kGroup))));
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-      float s0 = sc[2 * p], s1 = sc[2 * p + 1];
-      if constexpr (M > 1) {
-        s0 *= xd[m * groups + 2 * p];
-        s1 *= xd[m * groups + 2 * p + 1];
-      }
-      return _mm256_fmadd_ps(dot, _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)), acc_in);
-    };
-    auto codes = [&](int64_t p, __m256i& lo, __m256i& hi) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * kGroup));
-      lo = _mm256_and_si256(b, low);
-      hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-    };
-    int64_t p = 0;
-    for (; p + 2 <= pairs; p += 2) {
-      __m256i lo0, hi0, lo1, hi1;
-      codes(p, lo0, hi0);
-      codes(p + 1, lo1, hi1);
-      for (int m = 0; m < M; ++m) {
-        acc[m][0] = pair_step(p, lo0, hi0, m, acc[m][0]);
-        acc[m][kChains - 1] = pair_step(p + 1, lo1, hi1, m, acc[m][kChains - 1]);
+  __m256 acc[kBlockN][R];
+  for (int j = 0; j < kBlockN; ++j)
+    for (int m = 0; m < R; ++m) acc[j][m] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    for (int j = 0; j < kBlockN; ++j) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + p * kGroup));
+      const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+      const __m256 s = sv[j * sv_stride + p];
+      for (int m = 0; m < R; ++m) {
+        const int8_t* a = xq + m * K + p * 2 * kGroup;
+        const __m256i s16 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + kGroup))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+        acc[j][m] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, xdv[m * xdv_stride + p]), acc[j][m]);
       }
     }
-    if (p < pairs) {
-      __m256i lo, hi;
-      codes(p, lo, hi);
-      for (int m = 0; m < M; ++m) acc[m][0] = pair_step(p, lo, hi, m, acc[m][0]);
-    }
-    for (int m = 0; m < M; ++m) {
-      float r = hsum8(kChains == 2 ? _mm256_add_ps(acc[m][0], acc[m][kChains - 1]) : acc[m][0]);
-      if (groups & 1) {  // an odd last group, stored as is: inputs 0..15 low nibbles, 16..31 high
-        const int64_t g = groups - 1;
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * (kGroup / 2)));
+  }
+  for (int m = 0; m < R; ++m) {
+    __m128 r = hsum4x8(acc[0][m], acc[1][m], acc[2][m], acc[3][m]);
+    if (groups & 1) {  // an odd last group, stored as is: inputs 0..15 low nibbles, 16..31 high
+      const int64_t g = groups - 1;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
+      const float d = _mm256_cvtss_f32(xdv[m * xdv_stride + pairs]);
+      alignas(16) float tail[kBlockN];
+      for (int j = 0; j < kBlockN; ++j) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + g * (kGroup / 2)));
         const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
-        const float s = M == 1 ? sc[g] : sc[g] * xd[m * groups + g];
-        r += hsum8(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))) * s;
+        tail[j] = hsum8(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones))) *
+                  (_mm256_cvtss_f32(sv[j * sv_stride + pairs]) * d);
       }
-      out[m * N + n] = r + dot_f32(mn, xsum + m * groups, groups);
+      r = _mm_add_ps(r, _mm_load_ps(tail));
+    }
+    // the min term: mins . block sums, 8 groups at a time (both zero-padded to gpad), 4 channels at once
+    __m256 t[kBlockN];
+    for (int j = 0; j < kBlockN; ++j) t[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < gpad; g += 8) {
+      const __m256 xs = _mm256_loadu_ps(xsum + m * gpad + g);
+      for (int j = 0; j < kBlockN; ++j) t[j] = _mm256_fmadd_ps(_mm256_loadu_ps(mn + j * gpad + g), xs, t[j]);
+    }
+    alignas(16) float o[kBlockN];
+    _mm_store_ps(o, _mm_add_ps(r, hsum4x8(t[0], t[1], t[2], t[3])));
+    for (int j = 0; j < nvalid; ++j) out[m * N + j] = o[j];
+  }
+}
+
+// Output channels n0..n1 for all M rows, in tiles of 16 channels; activation rows in tiles of about 64 KB
+// (they stay in L2 while a tile's channels pass over them); per block of 4 channels the scales and mins
+// are converted once per activation tile. xsum: [M, gpad], zero-padded.
+void int4_q8_range_avx2(const int8_t* xq, const __m256* xdv, const float* xsum, int64_t M, const uint8_t* q,
+                        const at::Half* scales, const at::Half* mins, float* out, int64_t N, int64_t K, int64_t n0,
+                        int64_t n1) {
+  const int64_t groups = K / kGroup, pairs = groups / 2, stride = pairs + 1, gpad = (groups + 7) / 8 * 8;
+  const int64_t m_tile = std::max<int64_t>(kBlockM, (65536 / K) / kBlockM * kBlockM);
+  std::vector<__m256> sv(kBlockN * stride);
+  std::vector<float> f(kBlockN * gpad, 0.f), mn(kBlockN * gpad, 0.f);
+  for (int64_t t0 = n0; t0 < n1; t0 += kTileN) {
+    const int64_t t1 = std::min(n1, t0 + kTileN);
+    for (int64_t mt = 0; mt < M; mt += m_tile) {
+      const int64_t mt_end = std::min(M, mt + m_tile);
+      for (int64_t nb = t0; nb < t1; nb += kBlockN) {
+        const int nvalid = static_cast<int>(std::min<int64_t>(kBlockN, t1 - nb));
+        const uint8_t* rows[kBlockN];
+        for (int j = 0; j < kBlockN; ++j) {
+          const int64_t n = nb + std::min(j, nvalid - 1);  // a short last block repeats its last channel
+          rows[j] = q + n * (K / 2);
+          if (mt == 0 && n + kBlockN < N) {
+            prefetch_bytes(rows[j] + kBlockN * (K / 2), K / 2);
+            prefetch_bytes(scales + (n + kBlockN) * groups, groups * 2);
+            prefetch_bytes(mins + (n + kBlockN) * groups, groups * 2);
+          }
+          half_to_float(scales + n * groups, f.data() + j * gpad, groups);
+          pair_scales(f.data() + j * gpad, groups, sv.data() + j * stride);
+          half_to_float(mins + n * groups, mn.data() + j * gpad, groups);
+        }
+        for (int64_t m = mt; m < mt_end; m += kBlockM) {
+          const int8_t* x = xq + m * K;
+          const __m256* d = xdv + m * stride;
+          const float* xs = xsum + m * gpad;
+          float* o = out + m * N + nb;
+          if (mt_end - m >= 2)
+            int4_q8_block<2>(x, K, d, stride, xs, gpad, rows, sv.data(), stride, mn.data(), o, N, nvalid);
+          else
+            int4_q8_block<1>(x, K, d, stride, xs, gpad, rows, sv.data(), stride, mn.data(), o, N, nvalid);
+        }
+      }
     }
   }
 }
 #define INT4_PAIRED_ACTIVATIONS true
 #define INT8_ROWS int8_rows_avx2
 #define DENSE_ROWS dense_rows_avx2
-#define INT4_ROWS int4_rows_q8_avx2
 #define INT4_F32_ROWS int4_rows_f32_avx2
 #else
 #define INT8_ROWS int8_rows
@@ -387,7 +450,7 @@ void int8_matmul(const float* x, int64_t M, const int8_t* q, const float* scales
 }
 
 // Each 32-input block of x becomes d * xq with xq in -127..127 (d = max |x| / 127); xsum: exact block sums.
-// paired: the layout of int4_rows_q8_avx2: per pair of blocks (2p, 2p + 1), 64 bytes holding inputs 0-15
+// paired: the layout of int4_q8_block: per pair of blocks (2p, 2p + 1), 64 bytes holding inputs 0-15
 // of 2p, 0-15 of 2p + 1, 16-31 of 2p, 16-31 of 2p + 1 (an odd last block stays as it is).
 void quantize_rows_q8(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xsum, bool paired) {
   const int64_t groups = K / kGroup, half = kGroup / 2;
@@ -437,8 +500,22 @@ void int4_matmul(const float* x, int64_t M, const uint8_t* q, const at::Half* sc
     quantize_rows_q8(x + begin * K, end - begin, K, xq.data() + begin * K, xd.data() + begin * groups,
                      xsum.data() + begin * groups, INT4_PAIRED_ACTIVATIONS);
   });
-  // NOTE: tiles of 16 output channels by 8 rows: a tile's codes stay in L1 while every row chunk
-  // passes over them, so many rows (prefill, large batches) read the weights from memory once
+#ifdef PAGELLM_AVX2
+  // the activations' pair scales, (pairs + 1) per row (an odd last group in the last one), and their block
+  // sums zero-padded to a multiple of 8 groups
+  const int64_t pairs1 = groups / 2 + 1, gpad = (groups + 7) / 8 * 8;
+  std::vector<__m256> xdv(M * pairs1);
+  std::vector<float> xsum_pad(M * gpad, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    pair_scales(xd.data() + m * groups, groups, xdv.data() + m * pairs1);
+    std::copy(xsum.data() + m * groups, xsum.data() + (m + 1) * groups, xsum_pad.data() + m * gpad);
+  }
+  // NOTE: each thread takes whole tiles of 16 output channels: a tile's codes stay in L1 while the
+  // activation tiles pass over them, so many rows (prefill, large batches) read the weights from memory once
+  at::parallel_for(0, N, kTileN, [&](int64_t begin, int64_t end) {
+    int4_q8_range_avx2(xq.data(), xdv.data(), xsum_pad.data(), M, q, scales, mins, out, N, K, begin, end);
+  });
+#else
   at::parallel_for(0, N, kTileN, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin; n0 < end; n0 += kTileN) {
       const int64_t n1 = std::min(end, n0 + kTileN);
@@ -448,6 +525,7 @@ void int4_matmul(const float* x, int64_t M, const uint8_t* q, const at::Half* sc
       }
     }
   });
+#endif
 }
 
 void rms_norm_rows(const float* x, const float* weight, float* out, int64_t M, int64_t H, float eps) {
