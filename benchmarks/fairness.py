@@ -1,11 +1,12 @@
 """Fairness: streams' inter-token latency while a long prompt is prefilled, per prefill bound.
 
 4 streams decode on the bundled model; after a few steps an 8,191-token prompt (max_tokens 1) arrives.
-For each value of max_prefill_tokens_while_decoding (0 = no bound) this reports the streams' inter-token
-latency (p50/p99/max) over the long prompt's prefill, the same streams' latency with no long prompt
-(measured in the same run), and the long prompt's time to first token (TTFT).
+For each setting "cap:ratio" (max_prefill_tokens_while_decoding, 0 = no bound; decode_stall_ratio, 0 = off)
+this reports the streams' inter-token latency (p50/p99/max) over the long prompt's prefill, the same
+streams' latency with no long prompt (measured in the same run), and the long prompt's time to first
+token (TTFT).
 
-    python benchmarks/fairness.py --caps 0,512,256,128,64 --out docs/results/fairness.json
+    python benchmarks/fairness.py --settings 0:0,256:0,256:2 --out docs/results/fairness.json
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int, baseline_steps: int = 60) -> dict:
+def run_scenario(llm: LLM, cap: int, ratio: float, long_len: int, num_streams: int, seed: int,
+                 baseline_steps: int = 60) -> dict:
     """Streams decode; a long prompt arrives (unless long_len == 0); returns gaps and the long prompt's TTFT."""
     engine = llm.llm_engine
     engine.core.scheduler.config.max_prefill_tokens_while_decoding = cap
+    engine.core.scheduler.config.decode_stall_ratio = ratio
     params = SamplingParams(max_tokens=100_000, ignore_eos=True, temperature=0.0)
     ids = [f"s{seed}-{i}" for i in range(num_streams)]
     for rid, prompt in zip(ids, make_prompts(num_streams, 32, seed=seed)):
@@ -78,7 +81,7 @@ def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int,
             num_steps += 1
     engine.abort_request(ids)
     return {
-        "cap": cap, "long_prompt_tokens": long_len, "num_steps": num_steps,
+        "cap": cap, "decode_stall_ratio": ratio, "long_prompt_tokens": long_len, "num_steps": num_steps,
         "itl_p50_s": round(statistics.median(gaps), 4), "itl_p99_s": round(_percentile(gaps, 0.99), 4),
         "itl_max_s": round(max(gaps), 4), "step_mean_s": round(statistics.mean(step_times), 4),
         "long_ttft_s": None if ttft is None else round(ttft, 2),
@@ -88,7 +91,8 @@ def run_scenario(llm: LLM, cap: int, long_len: int, num_streams: int, seed: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--caps", default="0,512,256,128,64", help="max_prefill_tokens_while_decoding values")
+    p.add_argument("--settings", default="0:0,256:0,256:2",
+                   help="comma list of max_prefill_tokens_while_decoding:decode_stall_ratio")
     p.add_argument("--long-len", type=int, default=8191)
     p.add_argument("--num-streams", type=int, default=4)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -96,12 +100,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     llm = LLM(max_num_seqs=8, max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
-    run_scenario(llm, 0, 0, args.num_streams, seed=99, baseline_steps=5)  # warm-up
+    run_scenario(llm, 0, 0, 0, args.num_streams, seed=99, baseline_steps=5)  # warm-up
     result: dict = {"model": "SmolLM2-135M-Instruct (bundled)", "max_num_batched_tokens": args.max_num_batched_tokens,
                     "num_streams": args.num_streams, "load_avg_before": load_average(), "runs": []}
-    for seed, cap in enumerate(int(c) for c in args.caps.split(",")):
-        base = run_scenario(llm, cap, 0, args.num_streams, seed=2 * seed, baseline_steps=args.baseline_steps)
-        long = run_scenario(llm, cap, args.long_len, args.num_streams, seed=2 * seed + 1)
+    for seed, setting in enumerate(args.settings.split(",")):
+        cap, ratio = int(setting.split(":")[0]), float(setting.split(":")[1])
+        base = run_scenario(llm, cap, ratio, 0, args.num_streams, seed=2 * seed, baseline_steps=args.baseline_steps)
+        long = run_scenario(llm, cap, ratio, args.long_len, args.num_streams, seed=2 * seed + 1)
         long["baseline_itl_p99_s"] = base["itl_p99_s"]
         long["baseline_itl_p50_s"] = base["itl_p50_s"]
         long["itl_p99_ratio"] = round(long["itl_p99_s"] / base["itl_p99_s"], 2)

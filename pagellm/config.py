@@ -54,6 +54,7 @@ class CacheConfig:
 # Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/reliability.md, "Fairness under long prompts"):
 # beside 4 streams it cut their inter-token p99 stall from 90x to 6.6x at a 2k context; 128 did no better, 64 worse.
 DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
+DEFAULT_DECODE_STALL_RATIO = 2.0
 
 
 @dataclass
@@ -72,6 +73,11 @@ class SchedulerConfig:
     # chunks between decode steps instead of stretching every stream's inter-token latency.
     # A step with no decode takes the whole budget. 0: no bound. See docs/reliability.md#fairness-under-long-prompts.
     max_prefill_tokens_while_decoding: int = DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING
+    # NOTE: a long prompt (more tokens than max_prefill_tokens_while_decoding) arriving while requests
+    # decode is prefilled in chunks sized from measured step times, so that each step takes at most
+    # about this many times a decode-only step: the streams' inter-token latency stays within that
+    # factor, at the cost of more, smaller chunks for the long prompt. 0: off (only the token bound).
+    decode_stall_ratio: float = DEFAULT_DECODE_STALL_RATIO
     # Distinct LoRA adapters one step may mix (LoRAConfig.max_loras); 0: LoRA is off.
     max_loras: int = 0
 
@@ -83,6 +89,8 @@ class SchedulerConfig:
         if self.max_prefill_tokens_while_decoding < 0:
             raise ValueError("max_prefill_tokens_while_decoding must be >= 0 (0: no bound), "
                              f"got {self.max_prefill_tokens_while_decoding}")
+        if self.decode_stall_ratio != 0 and not self.decode_stall_ratio > 1:
+            raise ValueError(f"decode_stall_ratio must be > 1 (0: off), got {self.decode_stall_ratio}")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 

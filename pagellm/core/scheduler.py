@@ -62,14 +62,50 @@ def _is_decoding(request: Request) -> bool:
     return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
 
 
+class StepCostModel:
+    """Running estimates, from measured step times, of a decode-only step and of the time one prompt token
+    adds to a step beside decodes; they size a long prompt's chunks (SchedulerConfig.decode_stall_ratio)."""
+
+    ALPHA = 0.25  # weight of the newest step in the moving averages
+    PROBE_TOKENS = 8  # a long prompt's first chunk beside decodes, before any mixed step was measured
+
+    def __init__(self) -> None:
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+        self.last_prefill_tokens = 0  # of the last mixed step: a chunk at most doubles from one to the next
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.ALPHA * (new - old)
+
+    def observe(self, num_decode_tokens: int, num_prefill_tokens: int, seconds: float) -> None:
+        if num_decode_tokens and not num_prefill_tokens:
+            self.decode_s = self._average(self.decode_s, seconds)
+        elif num_decode_tokens and num_prefill_tokens and self.decode_s is not None:
+            self.token_s = self._average(self.token_s, max(seconds - self.decode_s, 0.0) / num_prefill_tokens)
+            self.last_prefill_tokens = num_prefill_tokens
+
+    def prefill_tokens(self, ratio: float) -> int:
+        """Prompt tokens a step beside decodes may take to last about `ratio` decode steps (at least 1)."""
+        if self.decode_s is None or self.token_s is None:
+            return self.PROBE_TOKENS
+        # NOTE: one noisy step (a slow decode-only step, a fast mixed one) must not open the gate at once
+        limit = max(self.PROBE_TOKENS, 2 * self.last_prefill_tokens)
+        if self.token_s <= 0.0:
+            return limit
+        return max(1, min(limit, int((ratio - 1.0) * self.decode_s / self.token_s)))
+
+
 class _StepBudget:
     """One step's token budget, and the share of it that prompt (non-decode) tokens may take."""
 
-    def __init__(self, max_tokens: int, prefill_cap: int) -> None:
+    def __init__(self, max_tokens: int, prefill_cap: int, long_prompt_cap: int | None = None) -> None:
         self.max_tokens = max_tokens
         self.prefill_cap = prefill_cap
+        # prompt tokens of a long prompt (more than prefill_cap) this step, when decodes run beside it
+        self.long_prompt_cap = long_prompt_cap
         self.num_tokens = 0
         self.num_prefill_tokens = 0
+        self.num_long_prompt_tokens = 0
 
     @property
     def tokens(self) -> int:
@@ -79,13 +115,23 @@ class _StepBudget:
     def prefill_tokens(self) -> int:
         return min(self.prefill_cap - self.num_prefill_tokens, self.tokens)
 
-    def spend(self, num_tokens: int, is_prefill: bool) -> None:
+    def is_long_prompt(self, request: Request) -> bool:
+        """A prompt longer than the prefill share, which the long-prompt share bounds this step."""
+        return self.long_prompt_cap is not None and request.num_prompt_tokens > self.prefill_cap
+
+    @property
+    def long_prompt_tokens(self) -> int:
+        assert self.long_prompt_cap is not None
+        return self.long_prompt_cap - self.num_long_prompt_tokens
+
+    def spend(self, num_tokens: int, is_prefill: bool, is_long: bool = False) -> None:
         self.num_tokens += num_tokens
         self.num_prefill_tokens += num_tokens if is_prefill else 0
+        self.num_long_prompt_tokens += num_tokens if is_prefill and is_long else 0
 
-    def give_back(self, num_tokens: int, is_prefill: bool) -> None:
+    def give_back(self, num_tokens: int, is_prefill: bool, is_long: bool = False) -> None:
         """The tokens of a request preempted after it was scheduled in this step."""
-        self.spend(-num_tokens, is_prefill)
+        self.spend(-num_tokens, is_prefill, is_long)
 
 
 class Scheduler:
@@ -108,6 +154,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_req_ids: list[str] = []  # since the previous schedule()
         self._num_preemptions = 0
+        self.step_cost = StepCostModel()
+        self._last_step_tokens = (0, 0)  # (decode, prompt) tokens of the last schedule()
         # Prompt positions whose logprobs were already emitted: a request preempted mid-prompt
         # recomputes them, and the user must not see them twice.
         self._num_prompt_logprobs_sent: dict[str, int] = {}
@@ -170,7 +218,11 @@ class Scheduler:
         """Choose this step's tokens; advances num_computed_tokens of every scheduled request."""
         num_scheduled: dict[str, int] = {}  # req_id -> tokens this step, in scheduling order
         preempted_req_ids: list[str] = []
-        budget = _StepBudget(self.config.max_num_batched_tokens, self._prefill_cap())
+        decoding = any(_is_decoding(r) for r in self.running)
+        # NOTE: long prompts are those over the token bound, so turning the bound off (0) turns this off too
+        ratio, bounded = self.config.decode_stall_ratio, self.config.max_prefill_tokens_while_decoding > 0
+        budget = _StepBudget(self.config.max_num_batched_tokens, self._prefill_cap(),
+                             self.step_cost.prefill_tokens(ratio) if decoding and bounded and ratio > 0 else None)
         self._schedule_running(num_scheduled, preempted_req_ids, budget)
         # NOTE: no admissions in a step that preempted: the pool is full, and re-admitting the
         # victim right away would only thrash.
@@ -202,9 +254,14 @@ class Scheduler:
             # NOTE: advanced only now, after every preemption decision of this step, so that
             # num_computed_tokens never counts tokens a preempted victim did not compute.
             request.num_computed_tokens = start + num_tokens
+        self._last_step_tokens = (budget.num_tokens - budget.num_prefill_tokens, budget.num_prefill_tokens)
         return SchedulerOutput(
             scheduled=scheduled, finished_req_ids=self.take_finished_req_ids(), preempted_req_ids=preempted_req_ids
         )
+
+    def observe_step_time(self, seconds: float) -> None:
+        """How long the model took for the last schedule()'s step (feeds decode_stall_ratio)."""
+        self.step_cost.observe(*self._last_step_tokens, seconds)
 
     def take_finished_req_ids(self) -> list[str]:
         """The requests finished since the last call (or schedule()), whose worker-side state can go."""
@@ -226,6 +283,8 @@ class Scheduler:
         num_new = min(request.num_tokens - num_computed_tokens + len(request.spec_token_ids), budget.tokens)
         if not _is_decoding(request):
             num_new = min(num_new, budget.prefill_tokens)
+            if budget.is_long_prompt(request):
+                num_new = min(num_new, budget.long_prompt_tokens)
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -245,7 +304,8 @@ class Scheduler:
                 victim = self._pick_victim()
                 victim_index = self.running.index(victim)
                 # A victim scheduled earlier in this step (priority policy) gives its tokens back.
-                budget.give_back(num_scheduled.pop(victim.req_id, 0), not _is_decoding(victim))
+                budget.give_back(num_scheduled.pop(victim.req_id, 0), not _is_decoding(victim),
+                                 budget.is_long_prompt(victim))
                 self._preempt(victim)
                 preempted_req_ids.append(victim.req_id)
                 if victim_index < i:
@@ -254,7 +314,7 @@ class Scheduler:
                     break
             else:
                 num_scheduled[request.req_id] = num_new
-                budget.spend(num_new, not _is_decoding(request))
+                budget.spend(num_new, not _is_decoding(request), budget.is_long_prompt(request))
                 i += 1
 
     def _pick_victim(self) -> Request:
@@ -284,6 +344,8 @@ class Scheduler:
                 break  # NOTE: waits for a running adapter to finish; one step mixes at most max_loras
             hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit_tokens, budget)
+            if num_new <= 0:
+                break  # this step's long-prompt share is spent
             if kv.allocate_slots(request, num_new, hit_block_ids, num_hit_tokens) is None:
                 break  # NOTE: no skipping ahead: a later, smaller request must not starve this one
             self.waiting.pop()
@@ -293,7 +355,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_scheduled[request.req_id] = num_new
-            budget.spend(num_new, True)
+            budget.spend(num_new, True, budget.is_long_prompt(request))
 
     def _has_lora_room(self, request: Request) -> bool:
         if not request.lora_id or not self.config.max_loras:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 
 import torch
 
@@ -128,9 +129,11 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if not sched_out.is_empty:
             self._fill_grammar_bitmask(sched_out)
+        started = time.perf_counter()
         runner_out = self.worker.execute(sched_out)
         if sched_out.is_empty:
             return failed
+        self.scheduler.observe_step_time(time.perf_counter() - started)
         outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
         if self.speculator is not None:
             self._speculate(sched_out, runner_out)

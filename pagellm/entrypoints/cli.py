@@ -10,7 +10,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pagellm.config import DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING  # noqa: E402 - after the env defaults
+from pagellm.config import (  # noqa: E402 - after the env defaults
+    DEFAULT_DECODE_STALL_RATIO,
+    DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
@@ -47,6 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     g.add_argument("--max-prefill-tokens-while-decoding", type=int, default=DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
                    help="prompt tokens one step may compute while other requests are decoding, so a long "
                         "prompt cannot stall running streams; 0 = no bound (default: %(default)s)")
+    g.add_argument("--decode-stall-ratio", type=float, default=DEFAULT_DECODE_STALL_RATIO,
+                   help="a prompt longer than that bound, arriving while requests decode, is prefilled in chunks "
+                        "sized from measured step times so a step takes at most about this many decode steps; "
+                        "0 = off (default: %(default)s)")
     g.add_argument("--block-size", type=int, default=16, help="KV cache block size (default: %(default)s)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--kv-cache-memory", type=int, default=None,
@@ -69,6 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
         max_prefill_tokens_while_decoding=args.max_prefill_tokens_while_decoding,
+        decode_stall_ratio=args.decode_stall_ratio,
         seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
         device=args.device, speculative_config=args.speculative_config, **lora_kwargs(args),
     )

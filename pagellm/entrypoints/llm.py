@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from pagellm.config import (
+    DEFAULT_DECODE_STALL_RATIO,
     DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
     CacheConfig,
     LoRAConfig,
@@ -63,6 +64,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         max_prefill_tokens_while_decoding: int = DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING,
+        decode_stall_ratio: float = DEFAULT_DECODE_STALL_RATIO,
         seed: int = 0,
         task: str = "generate",
         pooler_config: PoolerConfig | None = None,
@@ -86,7 +88,8 @@ class LLM:
                         enable_prefix_caching=enable_prefix_caching, cache_dtype=kv_cache_dtype),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             policy=scheduling_policy,  # type: ignore[arg-type]
-                            max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding),
+                            max_prefill_tokens_while_decoding=max_prefill_tokens_while_decoding,
+                            decode_stall_ratio=decode_stall_ratio),
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
             task=task, pooler_config=pooler_config,
             speculative_config=SpeculativeConfig.from_dict(speculative_config),

@@ -40,14 +40,23 @@ def _wants_prompt_logprobs(req: ScheduledRequest) -> bool:
     return req.sampling_params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens - 1
 
 
-def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | None = None) -> ModelInputs:
-    """Every tensor is built on `device` (None: the CPU, with no device argument at all)."""
+def build_inputs(so: SchedulerOutput, block_size: int, device: torch.device | None = None,
+                 fuse_rows: int = 0) -> ModelInputs:
+    """Every tensor is built on `device` (None: the CPU, with no device argument at all).
+
+    fuse_rows: in a step that has decodes, the prompt chunks join the decode group too (one row per token,
+    as proposals do) when the whole group fits in this many rows, so that the step runs on the decode
+    kernels (the fused stack) instead of the eager path: small chunks beside running streams, which the
+    scheduler's prefill bound makes (docs/reliability.md#fairness-under-long-prompts). 0: never.
+    """
     # Single-token requests form the batched "decode" group; multi-token chunks follow. A request verifying
     # proposals (speculative decoding) joins the decode group as one row per token, row i attending to the
     # keys up to its own position: every row's keys are written before any row attends, so it sees the
     # proposals before it, and the step runs on the decode kernels (the fused stack included).
     decodes = [r for r in so.scheduled if len(r.token_ids) == 1 or r.spec_token_ids]
     chunks = [r for r in so.scheduled if len(r.token_ids) > 1 and not r.spec_token_ids]
+    if fuse_rows and decodes and chunks and sum(len(r.token_ids) for r in so.scheduled) <= fuse_rows:
+        decodes, chunks = decodes + chunks, []
     ordered = decodes + chunks
     input_ids: list[int] = []
     positions: list[int] = []

@@ -115,7 +115,8 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if so.is_empty:
             return out
-        inputs = build_inputs(so, self.block_size, self.input_device)
+        inputs = build_inputs(so, self.block_size, self.input_device,
+                              fuse_rows=FUSED_MAX_ROWS if self.fused_decode is not None else 0)
         meta = inputs.attn_meta
         if self.lora is not None:
             self.lora.prepare(inputs.requests, meta)  # the step's LoRA mask and prefix K/V, in its metadata

@@ -8,7 +8,7 @@ import pytest
 
 from pagellm.config import CacheConfig, SchedulerConfig
 from pagellm.core.sched_output import SchedulerOutput
-from pagellm.core.scheduler import Scheduler
+from pagellm.core.scheduler import Scheduler, StepCostModel
 from pagellm.errors import InvalidRequest
 from pagellm.outputs import EngineCoreOutput, ModelRunnerOutput, TokenLogprob
 from pagellm.request import Request, RequestStatus
@@ -419,3 +419,53 @@ def test_reset_prefix_cache_through_the_scheduler() -> None:
     assert sched.kv_cache_manager.block_pool.cached_blocks
     assert sched.reset_prefix_cache() is True
     assert not sched.kv_cache_manager.block_pool.cached_blocks
+
+
+def test_step_cost_model_sizes_chunks_from_measured_step_times() -> None:
+    model = StepCostModel()
+    assert model.prefill_tokens(2.0) == StepCostModel.PROBE_TOKENS  # nothing measured yet
+    model.observe(4, 8, 0.050)  # a mixed step before any decode-only one: nothing to subtract, ignored
+    assert model.token_s is None
+    model.observe(4, 0, 0.010)  # decode-only: 10 ms
+    model.observe(4, 8, 0.026)  # 8 prompt tokens added 16 ms: 2 ms each
+    assert model.prefill_tokens(2.0) == 5  # (2 - 1) * 10 ms / 2 ms
+    assert model.prefill_tokens(3.0) == 10
+    model.observe(0, 64, 1.0)  # a prefill-only step says nothing about either estimate
+    assert (model.decode_s, model.token_s) == (0.010, 0.002)
+    model.observe(4, 0, 0.020)  # moving averages: a quarter of the way to the newest step
+    assert abs(model.decode_s - 0.0125) < 1e-12
+    model.observe(4, 100, 0.0125)  # prompt tokens that cost nothing measurable: no bound from them
+    assert model.prefill_tokens(2.0) >= 5
+
+
+def test_long_prompt_chunks_follow_the_decode_stall_ratio() -> None:
+    """A prompt over the token bound, beside a decoding request, gets chunks sized so a step lasts about
+    decode_stall_ratio decode steps; a short prompt is not held to that share."""
+    sched = make_scheduler(budget=64, num_blocks=64, max_prefill_tokens_while_decoding=16, decode_stall_ratio=2.0)
+    sched.add_request(make_request("a", 3, max_tokens=60))
+    step(sched)  # a's prompt (no decode: not measured)
+    sched.observe_step_time(0.5)
+    step(sched)  # a decodes alone
+    sched.observe_step_time(0.010)
+    sched.add_request(make_request("b", 40, start=100, max_tokens=2))
+    out = step(sched)[0]  # first chunk beside the decode: the probe
+    assert [p[:3] for p in plan(out)] == [("a", 4, 1), ("b", 0, StepCostModel.PROBE_TOKENS)]
+    sched.observe_step_time(0.010 + 0.002 * StepCostModel.PROBE_TOKENS)  # 2 ms a prompt token
+    sched.add_request(make_request("c", 6, start=300, max_tokens=2))  # short: under the token bound
+    out = step(sched)[0]
+    assert [p[:3] for p in plan(out)] == [("a", 5, 1), ("b", 8, 5), ("c", 0, 6)]
+
+
+def test_decode_stall_ratio_zero_leaves_only_the_token_bound() -> None:
+    sched = make_scheduler(budget=64, num_blocks=64, max_prefill_tokens_while_decoding=16, decode_stall_ratio=0)
+    sched.add_request(make_request("a", 3, max_tokens=60))
+    step(sched)
+    step(sched)
+    sched.add_request(make_request("b", 40, start=100, max_tokens=2))
+    assert [p[:3] for p in plan(step(sched)[0])] == [("a", 4, 1), ("b", 0, 16)]
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0, -2.0])
+def test_decode_stall_ratio_must_exceed_one(ratio: float) -> None:
+    with pytest.raises(ValueError, match="decode_stall_ratio"):
+        SchedulerConfig(decode_stall_ratio=ratio)

@@ -38,3 +38,22 @@ def test_prompt_logprob_rows_come_first():
     plp = inputs.prompt_logprob_rows[0]
     assert plp.target_ids == [12, 13, 14] and plp.row_start == 0 and inputs.num_prompt_logprob_rows == 3
     assert inputs.logits_indices.tolist() == [0, 1, 2, 3]  # positions 0-2 predict 12-14; 3 samples
+
+
+def test_a_small_chunk_beside_decodes_joins_the_decode_group() -> None:
+    """With fuse_rows, a step's prompt chunks ride the decode kernels as one row per token (each row sees the
+    keys up to its own position) when the whole step fits; otherwise the chunk stays a prefill chunk."""
+    decode = _req("d", [7], 5, [0, 1])
+    chunk = _req("c", [1, 2, 3], 4, [2, 3], sample=False)
+    fused = build_inputs(SchedulerOutput([decode, chunk]), block_size=4, fuse_rows=16)
+    meta = fused.attn_meta
+    assert not meta.prefills and meta.num_decode_tokens == 4
+    assert meta.decode_seq_lens.tolist() == [6, 5, 6, 7]  # the decode, then positions 4, 5, 6 of the chunk
+    assert fused.positions.tolist() == [5, 4, 5, 6]
+    assert fused.logits_indices.tolist() == [0]  # the chunk does not finish its prompt: no logits for it
+    assert [r.req_id for r in fused.requests] == ["d", "c"]
+    for rows in (3, 0):  # too many rows for the group, or fusing off: a prefill chunk as before
+        plain = build_inputs(SchedulerOutput([decode, chunk]), block_size=4, fuse_rows=rows).attn_meta
+        assert plain.num_decode_tokens == 1 and len(plain.prefills) == 1
+    alone = build_inputs(SchedulerOutput([chunk]), block_size=4, fuse_rows=16).attn_meta
+    assert alone.num_decode_tokens == 0 and len(alone.prefills) == 1  # no decodes: nothing to ride along
