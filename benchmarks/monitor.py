@@ -1,15 +1,24 @@
 """The monitor end to end: texts/s (ingest, topic by MiniLM similarity, sentiment by a finetune head, store,
 detect) and the latency of one ingest batch (an alert is raised and stored inside its batch, so the p99 batch
-latency bounds ingest-to-alert). Also times `LLM(task="embed")` alone on the same texts as the baseline.
+latency bounds ingest-to-alert). In the same run, as baselines on the same texts and batches:
+`LLM(task="embed")` alone (one encoder pass, nothing else) and the sentiment classifier alone.
+
+Each path of `--paths` runs the whole pipeline: `auto` lets the monitor choose (one encoder pass when the
+sentiment classifier is a frozen-encoder head on the topic encoder, see docs/monitor.md), `two-pass` forces
+the separate topic embedding. Every measurement is preceded by one untimed warm-up batch. The JSON records
+the load average (1, 5, 15 min) at the start and the end: on a shared machine a load above ~3 means the
+figures are the machine's, not the monitor's.
 
 Stream: news3 sentences (tests/data/sentiment/news3) in seeded random order, ids unique.
 Usage: python benchmarks/monitor.py --sentiment clf/sentiment [--num-texts 2000] [--batch-size 64]
+           [--paths auto,two-pass] [--out docs/results/monitor/benchmark.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -17,55 +26,114 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import load_average, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
-NEWS3 = Path(__file__).resolve().parents[1] / "tests" / "data" / "sentiment" / "news3"
+ROOT = Path(__file__).resolve().parents[1]
+NEWS3 = ROOT / "tests" / "data" / "sentiment" / "news3"
 TOPICS = "rates,earnings,fraud,markets,regulation"
+PATHS = {"auto": None, "two-pass": False, "one-pass": True}  # -> EngineClassifier(one_pass=...)
 
 
-def stream_lines(num_texts: int) -> list[str]:
+def stream_lines(num_texts: int, prefix: str = "b") -> list[str]:
     rows = [json.loads(line) for split in ("train", "dev", "test")
             for line in (NEWS3 / f"{split}.jsonl").read_text().splitlines()]
     rng = random.Random(0)
-    return [json.dumps({"id": f"b{i}", "text": rng.choice(rows)["text"]}) for i in range(num_texts)]
+    return [json.dumps({"id": f"{prefix}{i}", "text": rng.choice(rows)["text"]}) for i in range(num_texts)]
 
 
-def main() -> None:
-    from pagellm import LLM
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class TimedClassifier:
+    """The monitor's classifier with the time spent in it counted (the rest of a batch is store + detect)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seconds = inner, 0.0
+        self.path, self.encoder_passes = inner.path, inner.encoder_passes
+
+    def classify(self, texts):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.classify(texts)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def run_pipeline(sentiment: str, one_pass: bool | None, lines: list[str], batch_size: int) -> dict:
     from pagellm.apps.monitor.detector import DetectorConfig
     from pagellm.apps.monitor.service import EngineClassifier, MonitorService, parse_item, parse_topics
     from pagellm.apps.monitor.store import SQLiteStore
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sentiment", required=True)
-    p.add_argument("--num-texts", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    lines = stream_lines(args.num_texts)
-    classifier = EngineClassifier(args.sentiment, parse_topics(TOPICS))
+    t_load = time.perf_counter()
+    classifier = TimedClassifier(EngineClassifier(sentiment, parse_topics(TOPICS), one_pass=one_pass))
+    load_s = time.perf_counter() - t_load
+    classifier.inner.classify([json.loads(line)["text"] for line in lines[:batch_size]])  # warm-up, untimed
     with tempfile.TemporaryDirectory() as tmp:
         service = MonitorService(classifier, SQLiteStore(Path(tmp) / "m.sqlite"), DetectorConfig(),
-                                 batch_size=args.batch_size)
-        latencies = []
+                                 batch_size=batch_size)
+        latencies, alerts = [], 0
         t0 = time.perf_counter()
-        for start in range(0, len(lines), args.batch_size):
-            items = [parse_item(json.loads(line)) for line in lines[start:start + args.batch_size]]
+        for start in range(0, len(lines), batch_size):
+            items = [parse_item(json.loads(line)) for line in lines[start:start + batch_size]]
             b0 = time.perf_counter()
-            service.ingest(items)
+            alerts += len(service.ingest(items).alerts)
             latencies.append(time.perf_counter() - b0)
         wall = time.perf_counter() - t0
+        stored = service.store.count()
         service.close()
+    assert stored == len(lines), f"{stored} of {len(lines)} texts stored"
+    return {"path": classifier.path, "model_passes_per_text": classifier.encoder_passes,
+            "texts_per_s": len(lines) / wall, "wall_s": wall,
+            "batch_latency_p50_s": percentile(latencies, 0.5), "batch_latency_p99_s": percentile(latencies, 0.99),
+            "classify_s": classifier.seconds, "store_detect_parse_s": wall - classifier.seconds,
+            "alerts": alerts, "startup_s": load_s}
+
+
+def run_baseline(llm, texts: list[str], batch_size: int, method: str) -> float:
+    """texts/s of `llm.embed` or `llm.classify` alone, in the monitor's batches (after one warm-up batch)."""
+    call = getattr(llm, method)
+    call(texts[:batch_size], truncate_prompt_tokens=-1, use_tqdm=False)
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), batch_size):
+        call(texts[start:start + batch_size], truncate_prompt_tokens=-1, use_tqdm=False)
+    return len(texts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    import torch
+
+    from pagellm import LLM
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sentiment", required=True, help="a `pagellm finetune` classifier folder")
+    p.add_argument("--num-texts", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--paths", default="auto,two-pass", help=f"comma-separated, of {', '.join(PATHS)}")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "monitor" / "benchmark.json"))
+    args = p.parse_args()
+    paths = [name.strip() for name in args.paths.split(",") if name.strip()]
+    if not paths or any(name not in PATHS for name in paths):
+        raise SystemExit(f"--paths takes a comma-separated list of {', '.join(PATHS)}")
+    load_start = os.getloadavg()
+    lines = stream_lines(args.num_texts)
     texts = [json.loads(line)["text"] for line in lines]
-    embedder = LLM(_minilm(), task="embed")
-    e0 = time.perf_counter()
-    embedder.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)
-    embed_wall = time.perf_counter() - e0
-    latencies.sort()
-    result = {"num_texts": len(lines), "batch_size": args.batch_size, "texts_per_s": len(lines) / wall,
-              "batch_latency_p50_s": latencies[len(latencies) // 2],
-              "batch_latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-              "baseline_embed_only_texts_per_s": len(lines) / embed_wall, "load_average": load_average()}
+    embedder = LLM(_minilm(), task="embed", dtype="float32")
+    result: dict = {"num_texts": len(lines), "batch_size": args.batch_size, "sentiment": args.sentiment,
+                    "torch_threads": torch.get_num_threads(), "load_average_start": list(load_start)}
+    result["embed_only_texts_per_s"] = run_baseline(embedder, texts, args.batch_size, "embed")
+    classifier = LLM(args.sentiment, task="classify", dtype="float32")
+    result["classify_only_texts_per_s"] = run_baseline(classifier, texts, args.batch_size, "classify")
+    del embedder, classifier
+    result["pipelines"] = {name: run_pipeline(args.sentiment, PATHS[name], lines, args.batch_size)
+                           for name in paths}
+    first = result["pipelines"][paths[0]]
+    result.update(path=first["path"], texts_per_s=first["texts_per_s"],
+                  batch_latency_p50_s=first["batch_latency_p50_s"], batch_latency_p99_s=first["batch_latency_p99_s"])
+    result["load_average_end"] = list(os.getloadavg())
+    result["load_note"] = ("quiet enough" if max(load_start[0], result["load_average_end"][0]) <= 3 else
+                           "load average above 3: a shared machine's figures, rerun on an idle one")
     write_result("monitor", result, args.out)
 
 

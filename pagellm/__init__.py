@@ -2,10 +2,11 @@
 
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
+from pagellm.pooling_params import PoolingParams
 from pagellm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LoRARequest", "SamplingParams", "InvalidRequest", "__version__"]
+__all__ = ["LLM", "LoRARequest", "PoolingParams", "SamplingParams", "InvalidRequest", "__version__"]
 
 
 def __getattr__(name: str):

@@ -23,11 +23,13 @@ class ClassificationOutput:
     ``probs[i]`` is the probability of class id ``i``; ``labels[i]`` is its name from the
     model's ``config.id2label``; ``label_probs`` maps name -> probability and ``label`` is the
     most likely name. Single-label heads use softmax (probs sum to 1); heads with one logit or
-    ``problem_type == "multi_label_classification"`` use a sigmoid per label.
+    ``problem_type == "multi_label_classification"`` use a sigmoid per label. ``embedding`` is the
+    prompt's pooled vector from the same forward, when asked (``PoolingParams(return_embedding=True)``).
     """
 
     probs: list[float]  # [num_classes]
     labels: list[str] = field(default_factory=list)  # [num_classes], class id order
+    embedding: list[float] | None = None  # [hidden_size], only with PoolingParams(return_embedding=True)
 
     @property
     def num_classes(self) -> int:

@@ -18,7 +18,8 @@ class PoolerConfig:
     """How hidden states become one vector per prompt; None fields take the model's defaults.
 
     Defaults come from a sentence-transformers folder (modules.json, 1_Pooling/config.json)
-    when present, else `cls` + normalize for encoders (vLLM's default) and `last` for decoders.
+    when present, else a `pagellm finetune` classifier's `classifier_pooling` (the pooling its encoder was
+    trained with) + normalize, else `cls` + normalize for encoders (vLLM's default) and `last` for decoders.
     """
 
     pooling_type: PoolingType | None = None
@@ -41,9 +42,17 @@ class PoolerConfig:
 
 @dataclass(frozen=True)
 class PoolingParams:
-    """Per-call options of `LLM.embed`; None keeps the model's PoolerConfig."""
+    """Per-call options of `LLM.embed` and `LLM.classify`; None keeps the model's PoolerConfig.
+
+    `return_embedding` (classify only): each `ClassificationOutput.embedding` also holds the prompt's pooled
+    vector from the same forward pass, pooled and normalized as `LLM(<same folder>, task="embed")` would
+    (the model's PoolerConfig; `normalize` here overrides it). A frozen-encoder head (`pagellm finetune
+    --strategy head`) has its base encoder's weights, so this vector equals the base encoder's embedding and
+    one pass gives both the class probabilities and the embedding.
+    """
 
     normalize: bool | None = None
+    return_embedding: bool = False
 
 
 # vLLM's default pooler for encoders without a sentence-transformers config

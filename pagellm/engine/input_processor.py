@@ -94,24 +94,34 @@ class InputProcessor:
     def process_pooling(self, prompt: PromptType, truncate_prompt_tokens: int | None = None
                         ) -> tuple[str | None, list[int]]:
         """Return (text or None, token ids) of a prompt to embed or classify, truncated if asked, validated."""
+        return self.process_pooling_batch([prompt], truncate_prompt_tokens)[0]
+
+    def process_pooling_batch(self, prompts: list[PromptType], truncate_prompt_tokens: int | None = None
+                              ) -> list[tuple[str | None, list[int]]]:
+        """`process_pooling` of each prompt, the texts tokenized in one tokenizer call (a fast tokenizer
+        encodes a batch in Rust: one Python round trip instead of one per text)."""
         keep = self._truncation_length(truncate_prompt_tokens)
-        text, ids = self.split_prompt(prompt)
-        if ids is None:
+        split = [self.split_prompt(p) for p in prompts]
+        texts = [text for text, ids in split if ids is None]
+        for text in texts:
             if not isinstance(text, str) or not text.strip():
                 raise InvalidRequest("the prompt is empty", param="prompt")
-            if keep is None:
-                ids = self.tokenizer.encode(text, add_special_tokens=True)
-            else:
-                ids = self.tokenizer.encode(text, add_special_tokens=True, truncation=True, max_length=keep)
-        elif keep is not None and len(ids) > keep:
-            ids = ids[-keep:] if self.tokenizer.truncation_side == "left" else ids[:keep]
-        self._check_vocabulary(ids)
-        if len(ids) > self.context_limit:
-            raise InvalidRequest(
-                f"this model's maximum input length is {self.context_limit} tokens; the prompt has {len(ids)} "
-                "tokens (pass truncate_prompt_tokens to truncate it)", param="prompt",
-            )
-        return text, ids
+        kwargs = {} if keep is None else {"truncation": True, "max_length": keep}
+        encoded = iter(self.tokenizer(texts, add_special_tokens=True, **kwargs)["input_ids"] if texts else [])
+        out = []
+        for text, ids in split:
+            if ids is None:
+                ids = list(next(encoded))
+            elif keep is not None and len(ids) > keep:
+                ids = ids[-keep:] if self.tokenizer.truncation_side == "left" else ids[:keep]
+            self._check_vocabulary(ids)
+            if len(ids) > self.context_limit:
+                raise InvalidRequest(
+                    f"this model's maximum input length is {self.context_limit} tokens; the prompt has {len(ids)} "
+                    "tokens (pass truncate_prompt_tokens to truncate it)", param="prompt",
+                )
+            out.append((text, ids))
+        return out
 
     def _truncation_length(self, truncate_prompt_tokens: int | None) -> int | None:
         if truncate_prompt_tokens is None:

@@ -26,7 +26,7 @@ from pagellm.request import Request
 from pagellm.sampling_params import SamplingParams
 from pagellm.structured_output.manager import StructuredOutputManager
 from pagellm.tokenizer import load_hf_tokenizer, load_tokenizer
-from pagellm.worker.worker import GENERATE_TASK, AdapterInfo, ModelInfo, PoolingBatch, Worker
+from pagellm.worker.worker import GENERATE_TASK, AdapterInfo, ModelInfo, PoolingBatch, PoolingRows, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -293,37 +293,55 @@ class LLMEngine:
                                  f"engine runs task {self.task!r}", param="task")
         if not prompts:
             raise InvalidRequest("no prompts given", param="prompt")
-        processed = [self.input_processor.process_pooling(p, truncate_prompt_tokens) for p in prompts]
+        processed = self.input_processor.process_pooling_batch(list(prompts), truncate_prompt_tokens)
         return [text for text, _ in processed], [ids for _, ids in processed]
 
     def embed(self, prompt_ids: Sequence[list[int]], normalize: bool | None = None,
               use_tqdm: bool = False) -> list[list[float]]:
         """One pooled vector per prompt, in input order."""
         self._require_pooling("embed")
-        norm = self.pooler_config.normalize if normalize is None else normalize
-        return self._pool(prompt_ids, "embed", use_tqdm, self.pooler_config.pooling_type, bool(norm))
+        return self._pool(prompt_ids, "embed", use_tqdm, normalize).rows
 
     def classify(self, prompt_ids: Sequence[list[int]], use_tqdm: bool = False) -> list[list[float]]:
         """Per-label probabilities per prompt, in input order."""
+        self._require_classify()
+        return self._pool(prompt_ids, "classify", use_tqdm).rows
+
+    def classify_and_embed(self, prompt_ids: Sequence[list[int]], normalize: bool | None = None,
+                           use_tqdm: bool = False) -> tuple[list[list[float]], list[list[float]]]:
+        """(probabilities, embeddings) per prompt from one forward each; the embedding is pooled and normalized
+        by this engine's PoolerConfig (`normalize` overrides it), as `embed` on the same folder would be."""
+        self._require_classify()
+        out = self._pool(prompt_ids, "classify", use_tqdm, normalize, with_embedding=True)
+        assert out.embeddings is not None
+        return out.rows, out.embeddings
+
+    def _require_classify(self) -> None:
         if self.task != "classify":
             raise InvalidRequest("classify() needs LLM(task='classify') and a *ForSequenceClassification model",
                                  param="task")
-        return self._pool(prompt_ids, "classify", use_tqdm)
 
-    def _pool(self, prompt_ids: Sequence[list[int]], kind: str, use_tqdm: bool, pooling_type: str | None = None,
-              normalize: bool = False) -> list[list[float]]:
-        results: list[list[float]] = [[] for _ in prompt_ids]
+    def _pool(self, prompt_ids: Sequence[list[int]], kind: str, use_tqdm: bool, normalize: bool | None = None,
+              with_embedding: bool = False) -> PoolingRows:
+        """Packed batches through the worker; rows (and embeddings when asked) in input order."""
+        norm = bool(self.pooler_config.normalize if normalize is None else normalize)
+        embeds = kind == "embed" or with_embedding
+        rows: list[list[float]] = [[] for _ in prompt_ids]
+        embeddings: list[list[float]] | None = [[] for _ in prompt_ids] if with_embedding else None
         bar = tqdm(total=len(prompt_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         try:
             for batch in self._pack(prompt_ids):
-                rows = self.worker.pool(PoolingBatch([list(prompt_ids[i]) for i in batch], kind, pooling_type,
-                                                     normalize))
-                for i, row in zip(batch, rows):
-                    results[i] = row
+                out = self.worker.pool(PoolingBatch(
+                    [list(prompt_ids[i]) for i in batch], kind, self.pooler_config.pooling_type if embeds else None,
+                    norm if embeds else False, with_embedding))
+                for j, i in enumerate(batch):
+                    rows[i] = out.rows[j]
+                    if embeddings is not None and out.embeddings is not None:
+                        embeddings[i] = out.embeddings[j]
                 bar.update(len(batch))
         finally:
             bar.close()
-        return results
+        return PoolingRows(rows, embeddings)
 
     def _pack(self, prompt_ids: Sequence[list[int]]) -> Iterator[list[int]]:
         """Consecutive prompt indices whose token total fits max_num_batched_tokens."""

@@ -225,15 +225,24 @@ class LLM:
         truncate_prompt_tokens: int | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | None = None,
+        pooling_params: PoolingParams | None = None,
     ) -> list[ClassificationRequestOutput]:
         """Per-label probabilities per prompt: `.outputs.probs[i]` is class id i, named by
         `.outputs.labels[i]` (config.id2label); `.outputs.label_probs` maps name -> probability.
+
+        `pooling_params=PoolingParams(return_embedding=True)` also fills `.outputs.embedding` with the
+        prompt's pooled vector from the same forward pass (pooled and normalized as `embed` of the same
+        folder would; `PoolingParams.normalize` overrides): a frozen-encoder head then gives its base
+        encoder's embedding and the class probabilities in one encoder pass.
 
         With task='generate' it is zero-shot: each text's `labels` are scored by their log-likelihood
         after one prompt (pagellm.label_prompt, with `instruction` if given) and softmaxed; probs are
         in `labels` order.
         """
         if self.task == "generate":
+            if pooling_params is not None:
+                raise InvalidRequest("pooling_params are for classification models (LLM(task='classify')); "
+                                     "zero-shot classification pools nothing", param="pooling_params")
             return self._classify_zero_shot(prompts, labels, instruction, truncate_prompt_tokens, use_tqdm,
                                             lora_request)
         if labels is not None or instruction is not None:
@@ -243,10 +252,15 @@ class LLM:
             raise InvalidRequest("LoRA adapters apply to task='generate' only", param="lora_request")
         engine = self._require_pooling("classify", ("classify",))
         texts, ids = self._process_pooling_prompts(engine, prompts, truncate_prompt_tokens)
-        probs = engine.classify(ids, use_tqdm=use_tqdm)
+        embeddings: list[list[float] | None]
+        if pooling_params is not None and pooling_params.return_embedding:
+            probs, vectors = engine.classify_and_embed(ids, normalize=pooling_params.normalize, use_tqdm=use_tqdm)
+            embeddings = list(vectors)
+        else:
+            probs, embeddings = engine.classify(ids, use_tqdm=use_tqdm), [None] * len(ids)
         return [ClassificationRequestOutput(engine.next_request_id(), text, prompt_ids,
-                                            ClassificationOutput(row, list(engine.labels)))
-                for text, prompt_ids, row in zip(texts, ids, probs)]
+                                            ClassificationOutput(row, list(engine.labels), vector))
+                for text, prompt_ids, row, vector in zip(texts, ids, probs, embeddings)]
 
     def _classify_zero_shot(self, prompts: str | Sequence[str], labels: Sequence[str] | None,
                             instruction: str | None, truncate_prompt_tokens: int | None, use_tqdm: bool,

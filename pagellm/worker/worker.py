@@ -77,8 +77,17 @@ class PoolingBatch:
 
     prompt_ids: list[list[int]]
     kind: str  # "embed" | "classify"
-    pooling_type: str | None = None  # embed only
-    normalize: bool = False  # embed only
+    pooling_type: str | None = None  # the embedding's: embed, or classify with with_embedding
+    normalize: bool = False  # the embedding's, likewise
+    with_embedding: bool = False  # classify: each prompt's embedding too, from the same forward
+
+
+@dataclass(frozen=True)
+class PoolingRows:
+    """What one pooling batch gives: a row per prompt, and its embedding when a classify batch asked for it."""
+
+    rows: list[list[float]]  # [num_seqs, out_dim]: embeddings (embed) or class probabilities (classify)
+    embeddings: list[list[float]] | None = None  # [num_seqs, hidden]: classify with with_embedding only
 
 
 def pick_device(model_config: ModelConfig, lora_config: LoRAConfig | None) -> torch.device:
@@ -158,8 +167,12 @@ class Worker:
         hf_config = load_hf_config(source.path)
         model_cls = get_pooling_model_class(getattr(hf_config, "architectures", None), self.task)
         self.model = load_encoder(model_cls, hf_config, source, dtype, self.device)
-        # NOTE: a model class may declare its own pooling default (decoders: "last", as vLLM does)
-        default_type = getattr(model_cls, "default_pooling_type", ENCODER_DEFAULT_POOLER.pooling_type)
+        # NOTE: a classifier saved by pagellm finetune names the pooling its encoder was trained with
+        # (classifier_pooling, e.g. MiniLM's mean) and keeps no sentence-transformers files: that pooling is its
+        # embedding's too, so a frozen-encoder head embeds as its base encoder does. Else a model class may
+        # declare its own default (decoders: "last", as vLLM does)
+        default_type = getattr(hf_config, "classifier_pooling", None) or getattr(
+            model_cls, "default_pooling_type", ENCODER_DEFAULT_POOLER.pooling_type)
         pooler = read_sentence_transformers_pooler(source.path) or PoolerConfig(default_type, True)
         num_labels = getattr(hf_config, "num_labels", 0)
         id2label = getattr(hf_config, "id2label", None) or {}
@@ -251,8 +264,9 @@ class Worker:
 
     # ---- pooling --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def pool(self, batch: PoolingBatch) -> list[list[float]]:
-        """One output row per prompt of one packed forward: an embedding or class probabilities."""
+    def pool(self, batch: PoolingBatch) -> PoolingRows:
+        """One output row per prompt of one packed forward: an embedding or class probabilities (and, for a
+        classify batch with_embedding, each prompt's embedding from the same hidden states)."""
         assert self.is_pooling, "pool() needs a pooling model (task embed or classify)"
         seq_lens = [len(ids) for ids in batch.prompt_ids]
         input_ids = torch.tensor([t for ids in batch.prompt_ids for t in ids], dtype=torch.long)  # [num_tokens]
@@ -262,11 +276,14 @@ class Worker:
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
         hidden = self.model(input_ids, positions, seq_lens)  # [num_tokens, hidden]
-        if batch.kind == "classify":
-            out = classification_probs(self.model.compute_logits(hidden, seq_lens), self.info.multi_label)
-        else:
-            out = maybe_normalize(pool(hidden, seq_lens, batch.pooling_type), batch.normalize)
-        return out.tolist()  # [num_seqs, out_dim]
+        if batch.kind != "classify":
+            return PoolingRows(maybe_normalize(pool(hidden, seq_lens, batch.pooling_type), batch.normalize).tolist())
+        probs = classification_probs(self.model.compute_logits(hidden, seq_lens), self.info.multi_label)
+        embeddings = None
+        if batch.with_embedding:
+            assert batch.pooling_type is not None, "an embedding needs a pooling type"
+            embeddings = maybe_normalize(pool(hidden, seq_lens, batch.pooling_type), batch.normalize).tolist()
+        return PoolingRows(probs.tolist(), embeddings)  # [num_seqs, num_labels], [num_seqs, hidden]
 
 
 def _first(value: int | list[int] | None) -> int | None:

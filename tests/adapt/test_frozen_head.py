@@ -79,6 +79,40 @@ def test_training_pooling_equals_the_engine_pooling(tmp_path, tiny_mean_pooled_d
                                rtol=1e-5)
 
 
+def test_one_classify_pass_gives_the_frozen_encoders_embedding_and_the_same_probs(tmp_path, tiny_mean_pooled_dir,
+                                                                                  make_args):
+    """Issue 17 (one encoder pass): `classify(pooling_params=PoolingParams(return_embedding=True))` of a `head`
+    classifier gives its base encoder's `LLM(task="embed")` vector (mean pooled, normalized, as the base folder
+    declares) and the probabilities of a plain classify; a `full` classifier's encoder moved, so its vector is
+    not the base's."""
+    from pagellm import LLM, PoolingParams
+
+    head = run_finetune(make_args(tiny_mean_pooled_dir, tmp_path / "head", strategy="head"))
+    full = run_finetune(make_args(tiny_mean_pooled_dir, tmp_path / "full", strategy="full", lr=1e-3))
+    base = LLM(tiny_mean_pooled_dir, task="embed", dtype="float32")
+    expected = torch.tensor([v.outputs.embedding for v in base.embed(TEXTS, use_tqdm=False)])
+    raw = torch.tensor([v.outputs.embedding for v in base.embed(TEXTS, use_tqdm=False,
+                                                                  pooling_params=PoolingParams(normalize=False))])
+    classifier = LLM(str(head.out_dir), task="classify", dtype="float32")
+    both = classifier.classify(TEXTS, use_tqdm=False, pooling_params=PoolingParams(return_embedding=True))
+    plain = classifier.classify(TEXTS, use_tqdm=False)
+    torch.testing.assert_close(torch.tensor([o.outputs.embedding for o in both]), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected.norm(dim=-1), torch.ones(len(TEXTS)))
+    torch.testing.assert_close(torch.tensor([o.outputs.probs for o in both]),
+                               torch.tensor([o.outputs.probs for o in plain]), atol=1e-6, rtol=1e-6)
+    assert all(o.outputs.embedding is None for o in plain)  # asked for only
+    unnormalized = classifier.classify(TEXTS, use_tqdm=False,
+                                       pooling_params=PoolingParams(return_embedding=True, normalize=False))
+    torch.testing.assert_close(torch.tensor([o.outputs.embedding for o in unnormalized]), raw, atol=1e-5, rtol=1e-5)
+    # NOTE: the classifier folder keeps no sentence-transformers files: its own embed task pools as its head does
+    own = LLM(str(head.out_dir), task="embed", dtype="float32").embed(TEXTS, use_tqdm=False)
+    torch.testing.assert_close(torch.tensor([v.outputs.embedding for v in own]), expected, atol=1e-5, rtol=1e-5)
+
+    moved = LLM(str(full.out_dir), task="classify", dtype="float32").classify(
+        TEXTS, use_tqdm=False, pooling_params=PoolingParams(return_embedding=True))
+    assert (torch.tensor([o.outputs.embedding for o in moved]) - expected).abs().max() > 1e-3
+
+
 def test_head_trains_on_engine_features_and_keeps_the_best_dev_head(tmp_path, tiny_bert_dir, make_args,
                                                                      sentiment_dir):
     result = run_finetune(make_args(tiny_bert_dir, tmp_path / "h", strategy="head", lr=None, epochs=None,

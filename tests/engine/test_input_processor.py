@@ -53,3 +53,16 @@ def test_text_prompts_are_tokenized_and_token_prompts_kept(processor, prompt):
 def test_bad_prompts_are_invalid_requests(processor, prompt, match):
     with pytest.raises(InvalidRequest, match=match):
         processor.process(prompt, SamplingParams())
+
+
+def test_a_pooling_batch_is_tokenized_as_each_text_alone(bundled_tokenizer):
+    processor = InputProcessor(bundled_tokenizer, 16, len(bundled_tokenizer), pooling=True)
+    texts = ["Hello there", "A longer sentence, with punctuation and numbers: 12,345.67 and ümlauts.", "x" * 90]
+    prompts = [*texts, [5, 6, 7], {"prompt": "given ids", "prompt_token_ids": [8, 9]}]
+    out = processor.process_pooling_batch(prompts, truncate_prompt_tokens=-1)
+    expected = [bundled_tokenizer.encode(t, add_special_tokens=True, truncation=True, max_length=16) for t in texts]
+    assert [ids for _, ids in out] == [*expected, [5, 6, 7], [8, 9]]
+    assert [text for text, _ in out] == [*texts, None, "given ids"]
+    assert out == [processor.process_pooling(p, truncate_prompt_tokens=-1) for p in prompts]
+    with pytest.raises(InvalidRequest, match="the prompt is empty"):
+        processor.process_pooling_batch(["fine", "  "])

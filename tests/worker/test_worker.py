@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from pagellm.core.scheduler import Scheduler
@@ -62,9 +63,37 @@ def test_a_packed_pooling_batch_equals_each_prompt_alone():
     info = worker.load()
     assert info.task == "embed" and info.default_pooler.pooling_type == "mean" and info.max_seq_length == 256
     prompts = [[101, 7592, 2088, 102], [101, 2023, 2003, 1037, 2936, 6251, 102]]
-    together = worker.pool(PoolingBatch(prompts, "embed", "mean", True))
-    alone = [worker.pool(PoolingBatch([p], "embed", "mean", True))[0] for p in prompts]
+    together = worker.pool(PoolingBatch(prompts, "embed", "mean", True)).rows
+    alone = [worker.pool(PoolingBatch([p], "embed", "mean", True)).rows[0] for p in prompts]
     assert len(together) == 2 and len(together[0]) == info.hidden_size
     for a, b in zip(together, alone):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert abs(sum(x * x for x in together[0]) - 1.0) < 1e-5  # normalized
+
+
+def test_a_classify_batch_with_embedding_gives_both_from_one_forward(tmp_path):
+    """Issue 17: the probabilities of a plain classify batch, and the embedding an embed worker on the same
+    folder gives; a `pagellm finetune` classifier's own pooling (classifier_pooling) is its embedding default."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pagellm.model_source import bundled_encoder_path
+    from pagellm.pooling_params import PoolerConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_encoder_path()), local_files_only=True)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    config.classifier_pooling, config.architectures = "mean", ["BertForSequenceClassification"]
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    classifier = Worker(ModelConfig(model=str(tmp_path), dtype="float32"), "classify")
+    assert classifier.load().default_pooler == PoolerConfig("mean", True)
+    embedder = Worker(ModelConfig(model=str(tmp_path), dtype="float32"), "embed")
+    embedder.load()
+    prompts = [[101, 7592, 2088, 102], [101, 2023, 2003, 1037, 2936, 6251, 102]]
+    plain = classifier.pool(PoolingBatch(prompts, "classify"))
+    both = classifier.pool(PoolingBatch(prompts, "classify", "mean", True, with_embedding=True))
+    assert plain.embeddings is None and both.embeddings is not None
+    torch.testing.assert_close(torch.tensor(both.rows), torch.tensor(plain.rows), atol=1e-6, rtol=1e-6)
+    expected = embedder.pool(PoolingBatch(prompts, "embed", "mean", True)).rows
+    torch.testing.assert_close(torch.tensor(both.embeddings), torch.tensor(expected), atol=1e-5, rtol=1e-5)

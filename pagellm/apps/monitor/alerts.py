@@ -38,6 +38,8 @@ class MonitorMetrics:
         self.alerts = Counter("pagellm_monitor_alerts", "alerts raised", ["topic"], registry=r)
         self.webhook_failures = Counter("pagellm_monitor_webhook_failures", "failed webhook POSTs", registry=r)
         self.webhook_pending = Gauge("pagellm_monitor_webhook_pending", "alerts not yet delivered", registry=r)
+        self.model_passes = Gauge("pagellm_monitor_model_passes_per_text", "model forward passes per text "
+                                  "(1: topic embedding and sentiment from one encoder pass)", ["path"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,10 +17,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from pagellm.apps.monitor.alerts import JsonlAlertWriter, MonitorMetrics, WebhookSender
 from pagellm.apps.monitor.detector import ChangeDetector, DetectorConfig
 from pagellm.apps.monitor.store import MonitorStore, StoredAlert, TextResult
 from pagellm.errors import InvalidRequest
+from pagellm.pooling_params import PoolingParams
 
 logger = logging.getLogger("pagellm.monitor")
 
@@ -92,13 +95,32 @@ def parse_topics(spec: str) -> dict[str, str]:
     return topics
 
 
+# NOTE: short sentences of several kinds, plus the topic descriptions: an encoder that differs (fine-tuned in
+# full or in its top layers, or another model) gives different vectors on every one of them
+PROBE_TEXTS = ("probe", "The central bank raised interest rates again.", "Shares fell sharply after the report.",
+               "A quiet day with no news.")
+SAME_ENCODER_ATOL = 1e-4  # the float32 noise between packed batches of one encoder is about 1e-6
+LONG_PROBE = "word " * 4096  # over any encoder's limit: the length it is cut to is the model's input limit
+
+
 class EngineClassifier:
     """Sentiment from a `pagellm finetune` classifier (LLM(task="classify")); topic by cosine similarity of
     the text's embedding to each topic description's (LLM(task="embed")), or zero-shot by a decoder
-    (LLM().classify(labels=topics))."""
+    (LLM().classify(labels=topics)).
+
+    One encoder pass per text where it can: when the classifier's encoder is the topic encoder (a frozen-encoder
+    head, `pagellm finetune --strategy head`, on the same base model), `classify` with
+    `PoolingParams(return_embedding=True)` gives the sentiment and the topic embedding from one forward. That
+    it is the same encoder is measured at start: the classifier's pooled vectors of PROBE_TEXTS and the topic
+    descriptions must equal the embedder's within SAME_ENCODER_ATOL, and it must read at least as many tokens;
+    else (`--strategy full` or `top-layers:K`, whose encoder moved; another base model) two passes run.
+    `path` says which ran: "one-pass", "two-pass" or "zero-shot"; `encoder_passes` counts model passes per text.
+    `one_pass`: None decides by that measurement, False always runs two passes, True raises if it cannot.
+    """
 
     def __init__(self, sentiment_model: str, topics: dict[str, str], topic_method: str = "embed",
-                 embed_model: str | None = None, negative_label: str = "negative") -> None:
+                 embed_model: str | None = None, negative_label: str = "negative",
+                 one_pass: bool | None = None) -> None:
         from pagellm import LLM
 
         if topic_method not in ("embed", "zero-shot"):
@@ -109,28 +131,83 @@ class EngineClassifier:
             raise InvalidRequest(f"the sentiment model's labels {probe.labels} have no {negative_label!r}",
                                  param="sentiment")
         self.negative_index = probe.labels.index(negative_label)
+        self.labels = list(probe.labels)
         self.topic_names = list(topics)
         self.topic_method = topic_method
-        if topic_method == "embed":
-            self.embedder = LLM(embed_model or _bundled_encoder(), task="embed", dtype="float32")
-            self.topic_vectors = [o.outputs.embedding for o in self.embedder.embed(
-                list(topics.values()), truncate_prompt_tokens=-1, use_tqdm=False)]
-        else:
+        self.embedder: Any = None
+        self.decoder: Any = None
+        self.truncate = -1  # one-pass: the topic encoder's input limit
+        if topic_method == "zero-shot":
             self.decoder = LLM(embed_model) if embed_model else LLM()
+            self.path, self.encoder_passes, detail = "zero-shot", 2, "topics by the decoder"
+        else:
+            embedder = LLM(embed_model or _bundled_encoder(), task="embed", dtype="float32")
+            described = embedder.embed(list(topics.values()), truncate_prompt_tokens=-1, use_tqdm=False)
+            # [topics, hidden]
+            self.topic_matrix = np.asarray([o.outputs.embedding for o in described], dtype=np.float32)
+            same, detail = (False, "two passes asked for") if one_pass is False else \
+                self._same_encoder(embedder, list(PROBE_TEXTS) + list(topics.values()))
+            if one_pass and not same:
+                raise InvalidRequest(f"one encoder pass needs the sentiment classifier's encoder to be the topic "
+                                     f"encoder: {detail}", param="sentiment")
+            if same:
+                self.path, self.encoder_passes = "one-pass", 1  # NOTE: the embedder is no longer needed
+            else:
+                self.path, self.encoder_passes, self.embedder = "two-pass", 2, embedder
+        logger.info("monitor classifier: %s, %d model pass%s per text (%s)", self.path, self.encoder_passes,
+                    "" if self.encoder_passes == 1 else "es", detail)
+
+    def _same_encoder(self, embedder: Any, texts: list[str]) -> tuple[bool, str]:
+        """Whether the classifier's one-pass embedding is the embedder's for every text the monitor may see
+        (same weights, pooling, normalization, and it reads at least the embedder's input limit), with a line
+        saying what was measured. Sets `truncate` to the embedder's limit when it is."""
+        embed_limit = len(embedder.embed([LONG_PROBE], truncate_prompt_tokens=-1,
+                                         use_tqdm=False)[0].prompt_token_ids)
+        classify_limit = len(self.sentiment.classify([LONG_PROBE], truncate_prompt_tokens=-1,
+                                                     use_tqdm=False)[0].prompt_token_ids)
+        if classify_limit < embed_limit:
+            return False, (f"the sentiment classifier reads at most {classify_limit} tokens, the topic encoder "
+                           f"{embed_limit}")
+        ours = self.sentiment.classify(texts, truncate_prompt_tokens=embed_limit, use_tqdm=False,
+                                       pooling_params=PoolingParams(return_embedding=True))
+        theirs = embedder.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)
+        a = np.asarray([o.outputs.embedding for o in ours], dtype=np.float64)  # [texts, hidden]
+        b = np.asarray([o.outputs.embedding for o in theirs], dtype=np.float64)
+        if a.shape != b.shape:
+            return False, (f"the classifier's pooled vectors have {a.shape[1]} dimensions, the topic encoder's "
+                           f"{b.shape[1]}")
+        diff = float(np.abs(a - b).max())
+        if diff > SAME_ENCODER_ATOL:
+            return False, (f"the classifier's encoder is not the topic encoder: max |difference| {diff:.3g} over "
+                           f"{len(texts)} probe texts; a --strategy head classifier on the same base shares it")
+        self.truncate = embed_limit  # NOTE: the topic vector must be the embedder's, so texts are cut alike
+        return True, (f"the classifier's encoder is the topic encoder: max |difference| {diff:.2g} over "
+                      f"{len(texts)} probe texts")
 
     def classify(self, texts: Sequence[str]) -> list[tuple[str, str, float]]:
-        sentiments = self.sentiment.classify(list(texts), truncate_prompt_tokens=-1, use_tqdm=False)
-        return [(topic, out.outputs.labels[_argmax(out.outputs.probs)], out.outputs.probs[self.negative_index])
-                for topic, out in zip(self._topics(texts), sentiments)]
+        texts = list(texts)
+        if self.path == "one-pass":
+            outs = self.sentiment.classify(texts, truncate_prompt_tokens=self.truncate, use_tqdm=False,
+                                           pooling_params=PoolingParams(return_embedding=True))
+            topics = self._nearest_topics([o.outputs.embedding for o in outs])
+        else:
+            outs = self.sentiment.classify(texts, truncate_prompt_tokens=-1, use_tqdm=False)
+            topics = self._topics(texts)
+        probs = np.asarray([o.outputs.probs for o in outs])  # [texts, labels]
+        return [(topic, self.labels[int(k)], float(row[self.negative_index]))
+                for topic, k, row in zip(topics, probs.argmax(axis=1), probs)]
 
-    def _topics(self, texts: Sequence[str]) -> list[str]:
-        if self.topic_method == "zero-shot":
-            outs = self.decoder.classify(list(texts), labels=self.topic_names, use_tqdm=False)
+    def _topics(self, texts: list[str]) -> list[str]:
+        if self.decoder is not None:
+            outs = self.decoder.classify(texts, labels=self.topic_names, use_tqdm=False)
             return [self.topic_names[_argmax(o.outputs.probs)] for o in outs]
-        vectors = self.embedder.embed(list(texts), truncate_prompt_tokens=-1, use_tqdm=False)
+        vectors = self.embedder.embed(texts, truncate_prompt_tokens=-1, use_tqdm=False)
+        return self._nearest_topics([v.outputs.embedding for v in vectors])
+
+    def _nearest_topics(self, vectors: list[list[float]]) -> list[str]:
         # NOTE: the engine's embeddings are L2-normalized (MiniLM's Normalize module): dot = cosine
-        return [self.topic_names[_argmax([sum(a * b for a, b in zip(v.outputs.embedding, t))
-                                          for t in self.topic_vectors])] for v in vectors]
+        scores = np.asarray(vectors, dtype=np.float32) @ self.topic_matrix.T  # [texts, topics]
+        return [self.topic_names[int(k)] for k in scores.argmax(axis=1)]
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -162,6 +239,9 @@ class MonitorService:
         self.classifier, self.store, self.batch_size = classifier, store, batch_size
         self.detector = ChangeDetector(detector_config, store.load_detector())
         self.metrics = MonitorMetrics()
+        path = getattr(classifier, "path", None)  # EngineClassifier's: one-pass, two-pass or zero-shot
+        if path is not None:
+            self.metrics.model_passes.labels(path).set(getattr(classifier, "encoder_passes", 0))
         self.jsonl = JsonlAlertWriter(alerts_path) if alerts_path else None
         self.webhook = WebhookSender(webhook_url, store, self.metrics, backoff_s=webhook_backoff_s) \
             if webhook_url else None
