@@ -314,8 +314,11 @@ def build_engine_client(args: argparse.Namespace):
     if backend not in (None, "ray"):
         raise SystemExit(f"--data-parallel-size {size} runs replicas on Ray: use --distributed-executor-backend ray "
                          f"(got {backend!r})")
-    return build_data_parallel_llm(size, args.data_parallel_threads, args.data_parallel_max_restarts,
-                                   args.data_parallel_routing, **kwargs)
+    try:
+        return build_data_parallel_llm(size, args.data_parallel_threads, args.data_parallel_max_restarts,
+                                       args.data_parallel_routing, **kwargs)
+    except ImportError as exc:  # no Ray: say how to install it, without a traceback
+        raise SystemExit(f"error: {exc}") from exc
 
 
 class GracefulServer(uvicorn.Server):
