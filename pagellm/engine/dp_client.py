@@ -421,6 +421,7 @@ class DataParallelLLM:
                 flight.outputs.put_nowait(item)
                 continue
             flight.num_outputs += 1
+            item.prompt, item.prompt_token_ids = flight.prompt["prompt"], flight.token_ids  # the replica left them out
             self._restamp(flight, item, now)
             if self.observer is not None:
                 try:

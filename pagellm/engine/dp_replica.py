@@ -80,6 +80,8 @@ class EngineReplica:
     async def _pump(self, request_id: str, stream: RequestStream, outbox: asyncio.Queue[OutputItem]) -> None:
         try:
             async for out in stream:
+                # NOTE: the driver holds the prompt (it tokenized it) and puts it back: not resent every step
+                out.prompt, out.prompt_token_ids = None, []
                 outbox.put_nowait((request_id, out))
         except asyncio.CancelledError:
             pass  # aborted: the stream's close() below frees its KV blocks
