@@ -23,7 +23,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# never uses; its real needs are apache-tvm-ffi (installed next) plus torch/transformers/pydantic/numpy.
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9
 	$(BIN)/pip install -q "apache-tvm-ffi>=0.1.11"
-	$(BIN)/pip install -q -e '.[test]'
+	# NOTE: the distributed extra (Ray) too, so `make test` (and so CI) runs the data-parallel tests;
+	# `pip install pagellm` alone stays free of it, and those tests skip where it is missing.
+	$(BIN)/pip install -q -e '.[test,distributed]'
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium) || \
 		echo "no chromium: the dashboard browser tests skip"   # Playwright drives Debian's chromium
 	$(BIN)/python -m pagellm.model.layers.kernels   # build the C++ kernels once (about 1-2 min)

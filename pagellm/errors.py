@@ -13,6 +13,10 @@ class InvalidRequest(ValueError):
         self.message = message
         self.param = param
 
+    def __reduce__(self):
+        # NOTE: pickled whole (message and param), so a data-parallel replica's 400 crosses processes intact
+        return (self.__class__, (self.message, self.param))
+
 
 class ModelNotFound(InvalidRequest):
     """A model path or name that does not resolve to local weights."""

@@ -160,6 +160,8 @@ class AsyncLLM:
         self.task = engine.task
         self.max_model_len = engine.max_model_len
         self.model_name = engine.model_name
+        # the prefix cache's block size (a data-parallel router hashes prompts the same way); 0: no KV cache
+        self.block_size = engine.cache_config.block_size if engine.cache_config is not None else 0
         self._info = ServedModelInfo(
             name=engine.model_name, root=str(engine.source.path), task=engine.task,
             max_model_len=engine.max_model_len, context_limit=engine.context_limit,

@@ -117,8 +117,10 @@ def build_app(engine: AsyncLLM, served_model_names: list[str] | None = None,
     """
     names = list(served_model_names or [engine.model_name])
     state = state or ServerState()
-    # NOTE: a pooling model has no scheduler: its stats stay zero
-    metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting)
+    # NOTE: a pooling model has no scheduler: its stats stay zero. Data-parallel replicas report one series each.
+    metrics = ServerMetrics(names[0], lambda: engine.stats, lambda: engine.num_waiting,
+                            replica_stats=getattr(engine, "replica_stats", None),
+                            routing_counters=getattr(engine, "routing_counters", None))
     engine.observer = metrics.observe
     generate = engine.task == "generate"
 
@@ -275,6 +277,50 @@ def build_async_llm(**engine_kwargs: Any) -> AsyncLLM:
     return AsyncLLM.build(lambda: LLM(**engine_kwargs).llm_engine)
 
 
+def replica_engine(engine_kwargs: dict[str, Any], num_threads: int):
+    """One data-parallel replica's engine, built in the replica's process on the thread that steps it.
+
+    NOTE: torch's thread count is set here, on that thread: OpenMP keeps it per thread.
+    """
+    import torch
+
+    from pagellm.entrypoints.llm import LLM
+
+    torch.set_num_threads(num_threads)
+    return LLM(**engine_kwargs).llm_engine
+
+
+def build_data_parallel_llm(data_parallel_size: int, threads_per_replica: int = 1, max_restarts: int = 4,
+                            routing: str = "affinity", **engine_kwargs: Any):
+    """A DataParallelLLM: data_parallel_size replicas of LLM(**engine_kwargs), each in a Ray actor with
+    threads_per_replica CPUs (and torch threads); needs the `distributed` extra (Ray)."""
+    import functools
+
+    from pagellm.engine.dp_client import DataParallelLLM
+
+    factory = functools.partial(replica_engine, engine_kwargs, threads_per_replica)
+    return DataParallelLLM.launch(factory, data_parallel_size, threads_per_replica, max_restarts, routing)
+
+
+def build_engine_client(args: argparse.Namespace):
+    """The engine `pagellm serve` runs: one AsyncLLM, or data-parallel replicas on Ray."""
+    from pagellm.entrypoints.cli import engine_kwargs
+
+    kwargs = dict(task=getattr(args, "task", "generate"), **engine_kwargs(args))
+    size = getattr(args, "data_parallel_size", None)
+    if size is None:  # NOTE: an explicit --data-parallel-size 1 runs one replica on Ray (to measure its cost)
+        return build_async_llm(**kwargs)
+    backend = getattr(args, "distributed_executor_backend", None)
+    if backend not in (None, "ray"):
+        raise SystemExit(f"--data-parallel-size {size} runs replicas on Ray: use --distributed-executor-backend ray "
+                         f"(got {backend!r})")
+    try:
+        return build_data_parallel_llm(size, args.data_parallel_threads, args.data_parallel_max_restarts,
+                                       args.data_parallel_routing, **kwargs)
+    except ImportError as exc:  # no Ray: say how to install it, without a traceback
+        raise SystemExit(f"error: {exc}") from exc
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server that marks the app as draining on SIGTERM/SIGINT before uvicorn's own shutdown.
 
@@ -293,10 +339,8 @@ class GracefulServer(uvicorn.Server):
 
 def run_server(args: argparse.Namespace) -> int:
     """`pagellm serve`: load the model, serve until SIGTERM/SIGINT, exit 0 after a clean shutdown."""
-    from pagellm.entrypoints.cli import engine_kwargs
-
     logging.getLogger("pagellm").setLevel(logging.INFO)
-    engine = build_async_llm(task=getattr(args, "task", "generate"), **engine_kwargs(args))
+    engine = build_engine_client(args)
     state = ServerState()
     app = build_app(engine, served_model_names=args.served_model_name, api_key=args.api_key,
                     max_waiting_requests=args.max_waiting_requests,

@@ -31,35 +31,56 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class _EngineStatsCollector(Collector):
-    """Gauges and scheduler-owned counters, from one EngineStats snapshot per scrape."""
+    """Gauges and scheduler-owned counters, from one EngineStats snapshot per scrape.
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats], num_waiting: Callable[[], int]) -> None:
+    With data-parallel replicas (replica_stats given) every series is reported once per replica, under a
+    `replica` label; Prometheus sums them (sum by (model_name)) for the whole endpoint.
+    """
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats], num_waiting: Callable[[], int],
+                 replica_stats: Callable[[], list[EngineStats]] | None = None) -> None:
         self.model_name = model_name
         self.stats = stats
         self.num_waiting = num_waiting
+        self.replica_stats = replica_stats
+
+    def _snapshots(self) -> tuple[list[str], list[tuple[list[str], EngineStats, int]]]:
+        """(label names, [(label values, stats, waiting)]): one row, or one per replica."""
+        if self.replica_stats is None:
+            return ["model_name"], [([self.model_name], self.stats(), self.num_waiting())]
+        rows = [([self.model_name, str(i)], s, s.num_waiting) for i, s in enumerate(self.replica_stats())]
+        return ["model_name", "replica"], rows
 
     def collect(self) -> Iterator[Metric]:
-        s = self.stats()
-        label = [self.model_name]
+        names, rows = self._snapshots()
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, value)
-            return g
+        def family(kind: type, name: str, doc: str, value: Callable[[EngineStats, int], float]) -> Metric:
+            metric = kind(name, doc, labels=names)
+            for labels, s, waiting in rows:
+                metric.add_metric(labels, value(s, waiting))
+            return metric
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, value)
-            return c
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in the running batch.",
+                     lambda s, _: s.num_running)
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be scheduled.",
+                     lambda _, waiting: waiting)
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+                     "KV-cache usage: 1 means 100 percent of the blocks in use.", lambda s, _: s.kv_cache_usage)
+        yield family(CounterMetricFamily, "vllm:num_preemptions", "Cumulative number of preemptions.",
+                     lambda s, _: s.num_preemptions)
+        yield family(CounterMetricFamily, "vllm:prefix_cache_queries", "Prefix cache queries, in tokens.",
+                     lambda s, _: s.prefix_cache_queries)
+        yield family(CounterMetricFamily, "vllm:prefix_cache_hits", "Prefix cache hits, in tokens.",
+                     lambda s, _: s.prefix_cache_hits)
+        s = rows[0][1]
+        if self.replica_stats is None and s.spec_decode is not None:  # speculative decoding is on
+            label = [self.model_name]
 
-        yield gauge("vllm:num_requests_running", "Number of requests in the running batch.", s.num_running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be scheduled.", self.num_waiting())
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent of the blocks in use.",
-                    s.kv_cache_usage)
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", s.num_preemptions)
-        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", s.prefix_cache_queries)
-        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
-        if s.spec_decode is not None:  # speculative decoding is on
+            def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+                c = CounterMetricFamily(name, doc, labels=["model_name"])
+                c.add_metric(label, value)
+                return c
+
             spec = s.spec_decode
             yield counter("vllm:spec_decode_num_drafts", "Request-steps that verified proposed tokens.",
                           spec.num_drafts)
@@ -75,6 +96,51 @@ class _EngineStatsCollector(Collector):
             yield per_position
 
 
+class _RoutingCollector(Collector):
+    """Data-parallel routing: where requests went and why, replica restarts, retried requests."""
+
+    def __init__(self, model_name: str, counters: Callable[[], dict]) -> None:
+        self.model_name = model_name
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters()
+        name = [self.model_name]
+        routes = CounterMetricFamily("pagellm:dp_routing_decisions",
+                                     "Requests routed, by decision: affinity (an owner of the prompt's prefix took "
+                                     "it), fallback (its owner was too busy), miss (no replica held its prefix).",
+                                     labels=["model_name", "decision"])
+        for kind in sorted({"affinity", "fallback", "miss", *c["routes"]}):
+            routes.add_metric([*name, kind], c["routes"].get(kind, 0))
+        yield routes
+        hits = CounterMetricFamily("pagellm:dp_prefix_owner_hits",
+                                   "Requests with a full KV block sent to a replica that already served their "
+                                   "longest known prefix.", labels=["model_name"])
+        hits.add_metric(name, c["owner_hits"])
+        yield hits
+        full = CounterMetricFamily("pagellm:dp_requests_with_full_block",
+                                   "Requests with at least one full KV block (the owner hit rate's denominator).",
+                                   labels=["model_name"])
+        full.add_metric(name, c["with_full_block"])
+        yield full
+        per_replica = [("pagellm:dp_requests_routed", "Requests sent to each replica (retries included).",
+                        CounterMetricFamily, c["routed"]),
+                       ("pagellm:dp_replica_restarts", "Times each replica came back after its process died.",
+                        CounterMetricFamily, c["restarts"]),
+                       ("pagellm:dp_replica_up", "1 while the replica takes requests.", GaugeMetricFamily,
+                        [float(up) for up in c["up"]])]
+        for metric_name, doc, kind, values in per_replica:
+            metric = kind(metric_name, doc, labels=["model_name", "replica"])
+            for i, value in enumerate(values):
+                metric.add_metric([*name, str(i)], value)
+            yield metric
+        retried = CounterMetricFamily("pagellm:dp_requests_retried",
+                                      "Requests resent to another replica after theirs died before any output.",
+                                      labels=["model_name"])
+        retried.add_metric(name, c["retried"])
+        yield retried
+
+
 @dataclass
 class _Timing:
     last_token_time: float | None = None
@@ -83,7 +149,9 @@ class _Timing:
 class ServerMetrics:
     """The server's Prometheus registry (one per app, so several servers in one process don't clash)."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats], num_waiting: Callable[[], int]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats], num_waiting: Callable[[], int],
+                 replica_stats: Callable[[], list[EngineStats]] | None = None,
+                 routing_counters: Callable[[], dict] | None = None) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         reg = self.registry
@@ -98,7 +166,9 @@ class ServerMetrics:
                              labels, buckets=ITL_BUCKETS, registry=reg)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels,
                              buckets=E2E_BUCKETS, registry=reg)
-        reg.register(_EngineStatsCollector(model_name, stats, num_waiting))
+        reg.register(_EngineStatsCollector(model_name, stats, num_waiting, replica_stats))
+        if routing_counters is not None:
+            reg.register(_RoutingCollector(model_name, routing_counters))
         # Children are bound once: labels() takes a lock and a dict lookup on every call.
         self._prompt_tokens = self.prompt_tokens.labels(model_name)
         self._generation_tokens = self.generation_tokens.labels(model_name)

@@ -54,3 +54,21 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn log level (default: %(default)s)")
+    add_data_parallel_args(p)
+
+
+def add_data_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data parallel (Ray; pip install 'pagellm[distributed]', see docs/distributed.md)")
+    g.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=None, metavar="N",
+                   help="engine replicas behind this one endpoint, each in its own Ray actor (process); a request "
+                        "goes to the replica that served its prefix, else the least loaded (default: unset, one "
+                        "engine in this process, no Ray)")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                   help="how workers are started: data parallelism needs ray (its default) (default: none)")
+    g.add_argument("--data-parallel-threads", type=_positive_int, default=1,
+                   help="CPUs Ray reserves for each replica, and its torch threads (default: %(default)s)")
+    g.add_argument("--data-parallel-max-restarts", type=int, default=4,
+                   help="times Ray restarts a replica whose process died; -1: always (default: %(default)s)")
+    g.add_argument("--data-parallel-routing", default="affinity", choices=["affinity", "least_load", "random"],
+                   help="affinity: prefix affinity with least-load fallback; least_load and random are baselines "
+                        "(default: %(default)s)")
