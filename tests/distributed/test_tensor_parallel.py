@@ -216,7 +216,16 @@ def test_tp2_with_ngram_speculation_gives_the_plain_greedy_tokens(tiny_llama_dir
 @pytest.mark.slow
 @needs_two_cores
 @pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_tp2_greedy_tokens_equal_the_single_process_engine_on_the_bundled_model(quantization) -> None:
+def test_tp2_greedy_tokens_equal_the_single_process_engine_on_the_bundled_model(quantization, monkeypatch) -> None:
+    """int4 runs with float activations (PAGELLM_INT4_ACT=float) in both engines.
+
+    NOTE: the default int4 kernels quantize each 32-wide block of activations to int8, which turns the last-bit
+    differences of a split sum (two partial dot products added by the all-reduce) into whole quantization
+    steps in the next layer; measured here, that changed greedy tokens on 3 of 4 prompts, as the fused C++
+    stack's own summation order does against the per-layer path in one process. With float activations both
+    engines give the same tokens (docs/distributed.md)."""
+    if quantization == "int4":
+        monkeypatch.setenv("PAGELLM_INT4_ACT", "float")  # read at load, by this process and the spawned ranks
     kwargs = dict(dtype="float32", quantization=quantization, max_num_seqs=4, max_model_len=512)
     want = _tokens(LLM(**kwargs))
     llm = LLM(tensor_parallel_size=2, **kwargs)
@@ -268,11 +277,15 @@ def test_embed_with_tensor_parallel_is_a_clear_error(tiny_llama_dir) -> None:
 
 
 def _children(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return {int(p) for p in f.read().split()}
-    except OSError:
-        return set()
+    """Child processes of `pid`, whichever of its threads started them (the engine thread spawns the ranks)."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found |= {int(p) for p in f.read().split()}
+        except OSError:
+            pass
+    return found
 
 
 @pytest.mark.slow
