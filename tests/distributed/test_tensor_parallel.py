@@ -178,6 +178,7 @@ def test_tp2_greedy_tokens_equal_the_single_process_engine_on_the_tiny_model(tin
         _close(llm)
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_tp2_sampling_with_seed_penalties_and_logprobs_matches(tiny_llama_dir) -> None:
     """Rank 0 samples with the whole request (token history, seeds, grammar bitmask): the same as one process."""
@@ -200,6 +201,7 @@ def test_tp2_sampling_with_seed_penalties_and_logprobs_matches(tiny_llama_dir) -
             assert lg.keys() == lb.keys()
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_tp2_with_ngram_speculation_gives_the_plain_greedy_tokens(tiny_llama_dir) -> None:
     kwargs = dict(dtype="float32", max_num_seqs=8, block_size=4, num_blocks=256)
