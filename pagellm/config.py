@@ -171,3 +171,34 @@ class SpeculativeConfig:
             raise InvalidRequest(f"speculative_config: unknown fields {unknown}; known: {sorted(known)}",
                                  param="speculative_config")
         return cls(**spec)
+
+
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "ray")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is split over processes: tensor parallelism (docs/distributed.md).
+
+    tensor_parallel_size 1 runs the model in the engine's own process; N > 1 splits every layer over N worker
+    processes started by `distributed_executor_backend` ("mp": multiprocessing, spawn), which talk through
+    torch.distributed (gloo on the CPU, nccl on CUDA); the scheduler stays in the engine.
+    """
+
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: "mp" when tensor_parallel_size > 1
+
+    def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise InvalidRequest(f"tensor_parallel_size must be an integer >= 1; got {tp!r}",
+                                 param="tensor_parallel_size")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            names = ", ".join(DISTRIBUTED_EXECUTOR_BACKENDS)
+            raise InvalidRequest(f"distributed_executor_backend must be one of {names}; got {backend!r}",
+                                 param="distributed_executor_backend")
+
+    @property
+    def backend(self) -> str:
+        return self.distributed_executor_backend or "mp"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
-from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from pagellm.engine.engine_core import EngineCore
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor
@@ -26,7 +26,7 @@ from pagellm.request import Request
 from pagellm.sampling_params import SamplingParams
 from pagellm.structured_output.manager import StructuredOutputManager
 from pagellm.tokenizer import load_hf_tokenizer, load_tokenizer
-from pagellm.worker.worker import GENERATE_TASK, AdapterInfo, ModelInfo, PoolingBatch, PoolingRows, Worker
+from pagellm.worker.worker import GENERATE_TASK, AdapterInfo, ModelInfo, PoolingBatch, PoolingRows, build_worker
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,11 @@ class LLMEngine:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, lora_config: LoRAConfig | None = None,
                  task: str = GENERATE_TASK, pooler_config: PoolerConfig | None = None,
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None,
+                 parallel_config: ParallelConfig | None = None) -> None:
         self.model_config = model_config
         self.task = task
-        self.worker = Worker(model_config, task, lora_config)
+        self.worker = build_worker(model_config, task, lora_config, parallel_config)  # tensor parallel: processes
         self.info: ModelInfo = self.worker.load()
         self.source = self.info.source
         self.lora_config = lora_config

@@ -67,6 +67,13 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help='speculative decoding as JSON, vLLM\'s fields, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
                         "(default: off)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N worker processes (torch.distributed: gloo on the CPU, nccl on "
+                        "CUDA); each rank gets cores/N threads (default: %(default)s)")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                   help="how workers start: with --data-parallel-size, ray (its default: each replica a Ray "
+                        "actor); with --tensor-parallel-size, mp (multiprocessing on this machine; ray is not "
+                        "supported for tensor parallelism yet) (default: as those say)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -79,6 +86,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         decode_stall_ratio=args.decode_stall_ratio,
         seed=args.seed, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
         device=args.device, speculative_config=args.speculative_config, **lora_kwargs(args),
+        tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
     )
 
 

@@ -12,6 +12,7 @@ from pagellm.config import (
     CacheConfig,
     LoRAConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
 )
@@ -47,6 +48,10 @@ class LLM:
     ``device``: "auto" (cuda when torch.cuda.is_available(), else cpu), "cpu", "cuda" or "cuda:N". On a GPU the
     weights, KV cache and step inputs live there and every layer runs its torch path (no C++ kernels); a GGUF
     loads dequantized, and --quantization int8/int4, --compile and LoRA raise there for now.
+
+    ``tensor_parallel_size=N`` splits the model over N worker processes (torch.distributed: gloo on the CPU,
+    nccl on CUDA; docs/distributed.md). They are spawned, so a script that builds it needs an
+    ``if __name__ == "__main__":`` guard.
     """
 
     def __init__(
@@ -76,6 +81,8 @@ class LLM:
         compile: bool = False,
         device: str = "auto",
         speculative_config: dict | str | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
     ) -> None:
         self.task = task
         if task != "generate" and task not in POOLING_TASKS:
@@ -93,6 +100,7 @@ class LLM:
             LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank) if enable_lora else None,
             task=task, pooler_config=pooler_config,
             speculative_config=SpeculativeConfig.from_dict(speculative_config),
+            parallel_config=ParallelConfig(tensor_parallel_size, distributed_executor_backend),
         )
 
     def get_tokenizer(self):

@@ -110,7 +110,9 @@ class ModelRunner:
         self.sampler.drop(req_ids)
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, so: SchedulerOutput, sample: bool = True) -> ModelRunnerOutput:
+        """sample False (a tensor-parallel rank other than 0): run the forward and the LM head, which hold
+        collectives every rank must join, but neither sample nor compute logprobs."""
         self.release(so.finished_req_ids)
         out = ModelRunnerOutput()
         if so.is_empty:
@@ -132,6 +134,8 @@ class ModelRunner:
         if inputs.logits_indices.numel() == 0:
             return out
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [rows, vocab] float32
+        if not sample:
+            return out
         for plp in inputs.prompt_logprob_rows:
             rows = logits[plp.row_start : plp.row_start + len(plp.target_ids)]
             out.prompt_logprobs[plp.req_id] = compute_prompt_logprobs(rows, plp.target_ids, plp.k)

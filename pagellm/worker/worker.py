@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from pagellm.config import CacheConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagellm.core.sched_output import SchedulerOutput
 from pagellm.errors import InvalidRequest
 from pagellm.lora_request import LoRARequest
@@ -30,6 +30,7 @@ from pagellm.model.loader.model_loader import (
 )
 from pagellm.model.loader.peft_loader import load_lora_adapter, load_prefix_adapter, read_adapter_config
 from pagellm.model.models.registry import get_pooling_model_class
+from pagellm.model.parallel import TensorParallelGroup
 from pagellm.model.pooling import classification_probs, maybe_normalize, pool, read_sentence_transformers_pooler
 from pagellm.model_source import ModelSource, resolve_model, resolve_pooling_model
 from pagellm.outputs import ModelRunnerOutput
@@ -114,7 +115,7 @@ class Worker:
     """Owns the device, the model, its KV cache and adapters, and the runner that executes steps."""
 
     def __init__(self, model_config: ModelConfig, task: str = GENERATE_TASK,
-                 lora_config: LoRAConfig | None = None) -> None:
+                 lora_config: LoRAConfig | None = None, tp_group: TensorParallelGroup | None = None) -> None:
         if task != GENERATE_TASK and task not in POOLING_TASKS:
             raise InvalidRequest(f"task must be one of {GENERATE_TASK}, {', '.join(POOLING_TASKS)}; got {task!r}",
                                  param="task")
@@ -123,6 +124,7 @@ class Worker:
         self.model_config = model_config
         self.task = task
         self.lora_config = lora_config
+        self.tp_group = tp_group  # a tensor-parallel rank (worker/multiproc_executor.py): this rank's shard only
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
         self.info: ModelInfo | None = None
@@ -141,10 +143,12 @@ class Worker:
         if self.is_pooling:
             return self._load_pooling(t0)
         self.device = pick_device(config, self.lora_config)
+        if self.tp_group is not None and self.device.type == "cuda":  # NOTE: one GPU per rank
+            self.device = torch.device("cuda", self.tp_group.rank)
         source = resolve_model(config.model)
         dtype = resolve_dtype(config.dtype)
         quantization = resolve_quantization(source, config.quantization, config.dtype, self.device)
-        self.model = load_model(source, dtype, quantization, self.device)
+        self.model = load_model(source, dtype, quantization, self.device, self.tp_group)
         compute_dtype = self.model.embed_tokens.weight.dtype  # activations
         hf_config = self.model.config
         self.info = ModelInfo(
@@ -284,6 +288,17 @@ class Worker:
             assert batch.pooling_type is not None, "an embedding needs a pooling type"
             embeddings = maybe_normalize(pool(hidden, seq_lens, batch.pooling_type), batch.normalize).tolist()
         return PoolingRows(probs.tolist(), embeddings)  # [num_seqs, num_labels], [num_seqs, hidden]
+
+
+def build_worker(model_config: ModelConfig, task: str = GENERATE_TASK, lora_config: LoRAConfig | None = None,
+                 parallel_config: ParallelConfig | None = None) -> Worker:
+    """The engine's worker: this process's own Worker, or with tensor_parallel_size > 1 a MultiprocExecutor
+    (the same surface over worker processes that each hold a shard of the model)."""
+    if parallel_config is None or parallel_config.tensor_parallel_size == 1:
+        return Worker(model_config, task, lora_config)
+    from pagellm.worker.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(model_config, task, lora_config, parallel_config)  # type: ignore[return-value]
 
 
 def _first(value: int | list[int] | None) -> int | None:

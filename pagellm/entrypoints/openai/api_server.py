@@ -314,6 +314,7 @@ def build_engine_client(args: argparse.Namespace):
     if backend not in (None, "ray"):
         raise SystemExit(f"--data-parallel-size {size} runs replicas on Ray: use --distributed-executor-backend ray "
                          f"(got {backend!r})")
+    kwargs.pop("distributed_executor_backend", None)  # it starts the replicas; each runs its model in-process
     try:
         return build_data_parallel_llm(size, args.data_parallel_threads, args.data_parallel_max_restarts,
                                        args.data_parallel_routing, **kwargs)

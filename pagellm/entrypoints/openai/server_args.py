@@ -63,8 +63,7 @@ def add_data_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="engine replicas behind this one endpoint, each in its own Ray actor (process); a request "
                         "goes to the replica that served its prefix, else the least loaded (default: unset, one "
                         "engine in this process, no Ray)")
-    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
-                   help="how workers are started: data parallelism needs ray (its default) (default: none)")
+    # NOTE: --distributed-executor-backend is an engine flag (pagellm/entrypoints/cli.py): ray for these replicas
     g.add_argument("--data-parallel-threads", type=_positive_int, default=1,
                    help="CPUs Ray reserves for each replica, and its torch threads (default: %(default)s)")
     g.add_argument("--data-parallel-max-restarts", type=int, default=4,

@@ -17,6 +17,7 @@ from pagellm.model.layers.quant import SCHEMES, QuantizedWeight, replace_linears
 from pagellm.model.loader.gguf_loader import GGUFCheckpoint, packed_scheme
 from pagellm.model.loader.hf_loader import iter_safetensors, load_config
 from pagellm.model.models.registry import get_model_class
+from pagellm.model.parallel import shard_decoder
 from pagellm.model_source import ModelSource, gguf_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -248,11 +249,12 @@ def checkpoint_weights(source: ModelSource):
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None = None,
-               device: torch.device | None = None) -> torch.nn.Module:
+               device: torch.device | None = None, tp_group=None) -> torch.nn.Module:
     """Instantiate the architecture on `device` (None: cpu) with `dtype` weights and load them (no grad).
 
     The parameters' dtype is ``compute_dtype_for(dtype, device, quantization)``; ``model.weight_dtype`` keeps `dtype`.
     `quantization` (int8 | int4, CPU only) keeps the Linear weights packed (model.quantization says which).
+    `tp_group` (a parallel.TensorParallelGroup): keep only this rank's slice of each layer (model/parallel.py).
     """
     on_gpu = device is not None and device.type != "cpu"
     assert not (on_gpu and quantization is not None), "resolve_quantization refuses packed weights off the CPU"
@@ -272,6 +274,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, quantization: str | None
         model.lm_head.weight = model.embed_tokens.weight
     model.load_weights(weights)
     model.requires_grad_(False)
+    if tp_group is not None:  # NOTE: every rank reads the whole checkpoint, then keeps its slice (before packing)
+        shard_decoder(model, tp_group)
     model.weight_dtype = dtype
     model.quantization = quantization
     plan = kernels.plan_kernels(device)

@@ -148,12 +148,14 @@ class LlamaForCausalLM(nn.Module):
         """The decoder layers as one C++ call for decode-only steps (csrc/decode_stack.cpp), or None.
 
         None where it does not apply: a kernel plan without it (no C++ kernels, PAGELLM_FUSED_DECODE=0),
-        activations other than float32, a KV cache other than float32/bfloat16, or a layer that is not
-        a plain (Quantized)Linear (e.g. LoRA). The stack holds this model's own weight and cache tensors:
-        build it after the weights load.
+        activations other than float32, a KV cache other than float32/bfloat16, a layer that is not
+        a plain (Quantized)Linear (e.g. LoRA), or a tensor-parallel shard (model/parallel.py). The stack
+        holds this model's own weight and cache tensors: build it after the weights load.
         """
         plan = self.kernel_plan
         if not plan.fused_decode or self.embed_tokens.weight.dtype != torch.float32:
+            return None
+        if getattr(self, "tp_group", None) is not None:  # NOTE: the stack has no all-reduce between its layers
             return None
         if any(k.dtype not in KERNEL_CACHE_DTYPES for k, _ in kv_caches):  # e.g. a float16 cache
             return None
