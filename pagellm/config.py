@@ -54,7 +54,7 @@ class CacheConfig:
 # Chosen on a 2-core CPU with the bundled SmolLM2-135M (docs/reliability.md, "Fairness under long prompts"):
 # beside 4 streams it cut their inter-token p99 stall from 90x to 6.6x at a 2k context; 128 did no better, 64 worse.
 DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
-DEFAULT_DECODE_STALL_RATIO = 2.0
+DEFAULT_DECODE_STALL_RATIO = 0.0  # off: see docs/reliability.md#fairness-under-long-prompts for what 2 costs
 
 
 @dataclass
@@ -76,7 +76,8 @@ class SchedulerConfig:
     # NOTE: a long prompt (more tokens than max_prefill_tokens_while_decoding) arriving while requests
     # decode is prefilled in chunks sized from measured step times, so that each step takes at most
     # about this many times a decode-only step: the streams' inter-token latency stays within that
-    # factor, at the cost of more, smaller chunks for the long prompt. 0: off (only the token bound).
+    # factor, at the cost of more, smaller chunks for the long prompt. 0 (the default): off, only the
+    # token bound; what 2 buys and costs is measured in docs/reliability.md#fairness-under-long-prompts.
     decode_stall_ratio: float = DEFAULT_DECODE_STALL_RATIO
     # Distinct LoRA adapters one step may mix (LoRAConfig.max_loras); 0: LoRA is off.
     max_loras: int = 0

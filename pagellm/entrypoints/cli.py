@@ -52,8 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                         "prompt cannot stall running streams; 0 = no bound (default: %(default)s)")
     g.add_argument("--decode-stall-ratio", type=float, default=DEFAULT_DECODE_STALL_RATIO,
                    help="a prompt longer than that bound, arriving while requests decode, is prefilled in chunks "
-                        "sized from measured step times so a step takes at most about this many decode steps; "
-                        "0 = off (default: %(default)s)")
+                        "sized from measured step times so a step takes at most about this many decode steps "
+                        "(the long prompt then takes longer); 0 = off (default: %(default)s)")
     g.add_argument("--block-size", type=int, default=16, help="KV cache block size (default: %(default)s)")
     g.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--kv-cache-memory", type=int, default=None,
