@@ -148,3 +148,23 @@ def _cpuinfo_field(name: str) -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def wait_healthy(proc, base: str, timeout_s: float, stop) -> None:
+    """Poll `base`/health until 200; SystemExit with the server's stderr tail if it exits, or after timeout_s
+    (then `stop(proc)` first)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()[-4000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit("server did not come up")
+        time.sleep(0.5)

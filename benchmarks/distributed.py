@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import load_average, make_prompts, write_result  # noqa: E402
+from common import load_average, make_prompts, wait_healthy, write_result  # noqa: E402
 from serve import _free_port, one_request, percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,27 +73,14 @@ def _tree_cpu_s(root: int) -> tuple[float, float]:
 
 
 def start_server(flags: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = _free_port()
     cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", "--port", str(port), *flags]
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray on 127.0.0.1
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**environ, **env}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-4000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise SystemExit("server did not come up")
-        time.sleep(0.5)
+    wait_healthy(proc, base, 600, stop_server)
+    return proc, base
 
 
 def stop_server(proc: subprocess.Popen) -> int:

@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     peak_rss_mib,
     resolved_dtype,
     run_child,
+    wait_healthy,
     write_result,
 )
 
@@ -82,25 +83,12 @@ def _free_port() -> int:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = _free_port()
     cmd = [sys.executable, "-m", "pagellm.entrypoints.cli", "serve", "--port", str(port), *engine_flags(args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-4000:] if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("server did not come up")
-        time.sleep(0.5)
+    wait_healthy(proc, base, 300, lambda p: p.kill())
+    return proc, base
 
 
 async def one_request(client, url: str, body: dict, sem: asyncio.Semaphore) -> dict:

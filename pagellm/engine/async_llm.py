@@ -151,7 +151,22 @@ class RequestStream:
             self._commands.put(_Abort(self.request_id))
 
 
-class AsyncLLM:
+class StreamingClient:
+    """`generate` on top of a client's `add_request(...) -> RequestStream` (AsyncLLM, DataParallelLLM)."""
+
+    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
+                       arrival_time: float | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncGenerator[RequestOutput, None]:
+        """Add a request and yield its RequestOutputs until it finishes; an early exit aborts it."""
+        stream = self.add_request(request_id, prompt, params, priority, arrival_time, lora_request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+
+class AsyncLLM(StreamingClient):
     """Owns the engine thread and the per-request output streams of the asyncio side."""
 
     def __init__(self, engine: LLMEngine, observer: OutputObserver | None = None) -> None:
@@ -286,17 +301,6 @@ class AsyncLLM:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._commands.put(_Add(request_id, processed, params, priority, arrival, lora_request))
         return RequestStream(request_id, outputs, self._commands)
-
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
-                       arrival_time: float | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """Add a request and yield its RequestOutputs until it finishes; an early exit aborts it."""
-        stream = self.add_request(request_id, prompt, params, priority, arrival_time, lora_request)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
 
     def abort(self, request_id: str) -> None:
         """Abort a request; unknown or finished ids are ignored."""

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from pagellm.engine.async_llm import (
     OutputObserver,
     RequestStream,
     ServedModelInfo,
+    StreamingClient,
 )
 from pagellm.engine.dp_replica import EngineReplica
 from pagellm.engine.dp_router import PrefixAffinityRouter, RouterConfig
@@ -118,7 +119,7 @@ class _AbortSink:
             pass
 
 
-class DataParallelLLM:
+class DataParallelLLM(StreamingClient):
     """Owns the replicas' actor handles, the router, and the per-request queues of the asyncio side."""
 
     def __init__(self, ray: Any, actors: list[Any], descriptions: list[dict[str, Any]], router: PrefixAffinityRouter,
@@ -282,16 +283,6 @@ class DataParallelLLM:
             del self._flights[request_id]
             raise EngineDeadError("no replica is available")
         return RequestStream(request_id, flight.outputs, _AbortSink(self))  # type: ignore[arg-type]
-
-    async def generate(self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0,
-                       arrival_time: float | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncGenerator[RequestOutput, None]:
-        stream = self.add_request(request_id, prompt, params, priority, arrival_time, lora_request)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
 
     def abort(self, request_id: str) -> None:
         """Abort a request on its replica; unknown or finished ids are ignored."""
