@@ -221,7 +221,7 @@ class Scheduler:
         decoding = any(_is_decoding(r) for r in self.running)
         # NOTE: long prompts are those over the token bound, so turning the bound off (0) turns this off too
         ratio, bounded = self.config.decode_stall_ratio, self.config.max_prefill_tokens_while_decoding > 0
-        budget = _StepBudget(self.config.max_num_batched_tokens, self._prefill_cap(),
+        budget = _StepBudget(self.config.max_num_batched_tokens, self._prefill_cap(decoding),
                              self.step_cost.prefill_tokens(ratio) if decoding and bounded and ratio > 0 else None)
         self._schedule_running(num_scheduled, preempted_req_ids, budget)
         # NOTE: no admissions in a step that preempted: the pool is full, and re-admitting the
@@ -268,10 +268,10 @@ class Scheduler:
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         return finished_req_ids
 
-    def _prefill_cap(self) -> int:
+    def _prefill_cap(self, decoding: bool) -> int:
         """Prompt tokens this step may take: bounded while a running request is decoding."""
         cap = self.config.max_prefill_tokens_while_decoding
-        if cap > 0 and any(_is_decoding(r) for r in self.running):
+        if cap > 0 and decoding:
             return cap
         return self.config.max_num_batched_tokens
 

@@ -113,16 +113,17 @@ class _RoutingCollector(Collector):
         for kind in sorted({"affinity", "fallback", "miss", *c["routes"]}):
             routes.add_metric([*name, kind], c["routes"].get(kind, 0))
         yield routes
-        hits = CounterMetricFamily("pagellm:dp_prefix_owner_hits",
-                                   "Requests with a full KV block sent to a replica that already served their "
-                                   "longest known prefix.", labels=["model_name"])
-        hits.add_metric(name, c["owner_hits"])
-        yield hits
-        full = CounterMetricFamily("pagellm:dp_requests_with_full_block",
-                                   "Requests with at least one full KV block (the owner hit rate's denominator).",
-                                   labels=["model_name"])
-        full.add_metric(name, c["with_full_block"])
-        yield full
+        totals = [("pagellm:dp_prefix_owner_hits", "Requests with a full KV block sent to a replica that already "
+                   "served their longest known prefix.", c["owner_hits"]),
+                  ("pagellm:dp_requests_with_full_block",
+                   "Requests with at least one full KV block (the owner hit rate's denominator).",
+                   c["with_full_block"]),
+                  ("pagellm:dp_requests_retried",
+                   "Requests resent to another replica after theirs died before any output.", c["retried"])]
+        for metric_name, doc, value in totals:
+            metric = CounterMetricFamily(metric_name, doc, labels=["model_name"])
+            metric.add_metric(name, value)
+            yield metric
         per_replica = [("pagellm:dp_requests_routed", "Requests sent to each replica (retries included).",
                         CounterMetricFamily, c["routed"]),
                        ("pagellm:dp_replica_restarts", "Times each replica came back after its process died.",
@@ -134,11 +135,6 @@ class _RoutingCollector(Collector):
             for i, value in enumerate(values):
                 metric.add_metric([*name, str(i)], value)
             yield metric
-        retried = CounterMetricFamily("pagellm:dp_requests_retried",
-                                      "Requests resent to another replica after theirs died before any output.",
-                                      labels=["model_name"])
-        retried.add_metric(name, c["retried"])
-        yield retried
 
 
 @dataclass
