@@ -1,12 +1,13 @@
 """Speculative decoding (n-gram): decode tok/s with and without it, same run, bundled model, batch 1 and 8.
 
-    python benchmarks/speculative.py [--max-tokens 128] [--repeats 2]
+    python benchmarks/speculative.py [--max-tokens 128] [--repeats 2] [--policies cost,fixed]
 
 Workloads: "extractive" asks the model to repeat a code listing or answer by quoting a FAQ entry given in
 the prompt (where proposals from the prompt are right); "open" is free chat (where they rarely are, so the
 off-switch must keep the cost small). Greedy, EOS ignored, prefix caching off; the two engines alternate.
 Each side reports output tokens/s over the whole generate call; the speculating side also its acceptance
-rate and mean tokens per verifying step.
+rate and mean tokens per verifying step. One speculating engine per length policy ("cost": the default,
+verifying only proposals worth their rows at the step costs it measures; "fixed": every proposal).
 """
 
 from __future__ import annotations
@@ -69,36 +70,44 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--policies", default="cost,fixed", help="length policies to run, comma-separated")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     kw = dict(enable_prefix_caching=False, max_num_seqs=8)
-    engines = {"plain": LLM(**kw), "ngram": LLM(speculative_config=SPEC, **kw)}
-    result: dict = {"spec_config": SPEC, "max_tokens": args.max_tokens, "load_average": [load_average()],
-                    "workloads": {}}
+    policies = args.policies.split(",")
+    engines = {"plain": LLM(**kw)}
+    for policy in policies:
+        engines[policy] = LLM(speculative_config={**SPEC, "length_policy": policy}, **kw)
+    result: dict = {"spec_config": SPEC, "policies": policies, "max_tokens": args.max_tokens,
+                    "load_average": [load_average()], "workloads": {}}
     for workload, texts in (("extractive", EXTRACTIVE), ("open", OPEN)):
         prompts = chat_prompts(engines["plain"], texts)
         for batch in (1, 8):
             batch_prompts = (prompts * 2)[:batch]
             best = {name: None for name in engines}
-            before = engines["ngram"].llm_engine.spec_decode_stats()
+            before = {p: engines[p].llm_engine.spec_decode_stats() for p in policies}
+            before = {p: (s.num_draft_tokens, s.num_accepted_tokens, s.num_drafts) for p, s in before.items()}
             for _ in range(args.repeats):
                 for name, llm in engines.items():
                     run = measure(llm, batch_prompts, args.max_tokens)
                     if best[name] is None or run["output_tok_s"] > best[name]["output_tok_s"]:
                         best[name] = run
-            after = engines["ngram"].llm_engine.spec_decode_stats()
-            drafts = after.num_draft_tokens - before.num_draft_tokens
-            accepted = after.num_accepted_tokens - before.num_accepted_tokens
-            steps = after.num_drafts - before.num_drafts
-            result["workloads"][f"{workload}_b{batch}"] = {
-                "plain_tok_s": best["plain"]["output_tok_s"], "ngram_tok_s": best["ngram"]["output_tok_s"],
-                "speedup": best["ngram"]["output_tok_s"] / best["plain"]["output_tok_s"],
-                "acceptance_rate": accepted / drafts if drafts else 0.0,
-                "mean_tokens_per_verifying_step": 1 + accepted / steps if steps else 0.0,
-                "num_draft_tokens": drafts,
-                "same_tokens": best["plain"]["token_ids"] == best["ngram"]["token_ids"],
-            }
-            print(workload, batch, result["workloads"][f"{workload}_b{batch}"], file=sys.stderr)
+            entry: dict = {"plain_tok_s": best["plain"]["output_tok_s"]}
+            for policy in policies:
+                after = engines[policy].llm_engine.spec_decode_stats()
+                drafts, accepted, steps = (after.num_draft_tokens - before[policy][0],
+                                           after.num_accepted_tokens - before[policy][1],
+                                           after.num_drafts - before[policy][2])
+                entry[policy] = {
+                    "tok_s": best[policy]["output_tok_s"],
+                    "speedup": best[policy]["output_tok_s"] / best["plain"]["output_tok_s"],
+                    "acceptance_rate": accepted / drafts if drafts else 0.0,
+                    "mean_tokens_per_verifying_step": 1 + accepted / steps if steps else 0.0,
+                    "num_draft_tokens": drafts,
+                    "same_tokens": best["plain"]["token_ids"] == best[policy]["token_ids"],
+                }
+            result["workloads"][f"{workload}_b{batch}"] = entry
+            print(workload, batch, entry, file=sys.stderr)
         result["load_average"].append(load_average())
     write_result("speculative", result, args.out)
 

@@ -121,6 +121,9 @@ class SpeculativeConfig:
     prompt_lookup_min..prompt_lookup_max that occurred before proposes the tokens that followed it.
     A request whose acceptance rate over its last `acceptance_window` proposed tokens falls below
     `min_acceptance_rate` stops proposing, so speculation never makes a workload much slower.
+    length_policy "cost" (the default) proposes, each step, only the positions whose chance of being
+    accepted is worth the time a verified row adds to the step (both measured while serving);
+    "fixed" always proposes up to num_speculative_tokens.
     """
 
     method: str = "ngram"
@@ -130,6 +133,7 @@ class SpeculativeConfig:
     model: str | None = None  # draft_model: the draft's HF folder or .gguf file
     min_acceptance_rate: float = 0.2
     acceptance_window: int = 32
+    length_policy: str = "cost"
 
     def __post_init__(self) -> None:
         def bad(message: str, field: str) -> InvalidRequest:
@@ -148,6 +152,8 @@ class SpeculativeConfig:
                       f"{self.prompt_lookup_min!r}, {self.prompt_lookup_max!r}", "prompt_lookup_min")
         if not 0.0 <= self.min_acceptance_rate < 1.0:
             raise bad(f"min_acceptance_rate must be in [0, 1); got {self.min_acceptance_rate!r}", "min_acceptance_rate")
+        if self.length_policy not in ("cost", "fixed"):
+            raise bad(f"length_policy must be 'cost' or 'fixed'; got {self.length_policy!r}", "length_policy")
         if self.acceptance_window < 1:
             raise bad(f"acceptance_window must be >= 1; got {self.acceptance_window!r}", "acceptance_window")
 

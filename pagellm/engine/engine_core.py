@@ -133,17 +133,20 @@ class EngineCore:
         runner_out = self.worker.execute(sched_out)
         if sched_out.is_empty:
             return failed
-        self.scheduler.observe_step_time(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.scheduler.observe_step_time(elapsed)
         outputs = failed + self.scheduler.update_from_output(sched_out, runner_out)
         if self.speculator is not None:
-            self._speculate(sched_out, runner_out)
+            self._speculate(sched_out, runner_out, elapsed)
         self._release_finished_if_idle()
         return outputs
 
-    def _speculate(self, sched_out, runner_out) -> None:
-        """Count this step's verified proposals, then propose for the requests that decode next."""
+    def _speculate(self, sched_out, runner_out, elapsed: float) -> None:
+        """Count this step's verified proposals and time, then propose for the requests that decode next."""
         speculator = self.speculator
         speculator.forget(sched_out.finished_req_ids)
+        if all(len(s.token_ids) == 1 + len(s.spec_token_ids) for s in sched_out.scheduled):  # decode-only
+            speculator.observe_step(sum(len(s.token_ids) for s in sched_out.scheduled), elapsed)
         for sched in sched_out.scheduled:
             if sched.spec_token_ids and sched.req_id in runner_out.sampled_token_ids:
                 speculator.record(sched.req_id, len(sched.spec_token_ids),

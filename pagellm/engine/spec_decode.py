@@ -77,6 +77,54 @@ class SpecDecodeStats:
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+class StepCostFit:
+    """Seconds of a decode-only step as a + b * rows (rows: tokens verified, proposals included), fitted
+    online by exponentially weighted least squares over the steps the engine runs."""
+
+    DECAY = 0.98  # weight kept by older steps each new one (a window of ~50 steps)
+    PRIOR_ROW_SHARE = 0.25  # b / (a + b) until steps of different sizes were seen
+
+    def __init__(self) -> None:
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.DECAY
+        self._w, self._x, self._y = d * self._w + 1.0, d * self._x + rows, d * self._y + seconds
+        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b); before the fit has steps of at least two sizes, a prior in units of a one-row step."""
+        if self._w > 0:
+            mean_x, mean_y = self._x / self._w, self._y / self._w
+            var = self._xx / self._w - mean_x * mean_x
+            if var > 0.05 and mean_y > 0:
+                b = min(max((self._xy / self._w - mean_x * mean_y) / var, 0.0), mean_y)
+                return max(mean_y - b * mean_x, 1e-3 * mean_y), b
+        return 1.0 - self.PRIOR_ROW_SHARE, self.PRIOR_ROW_SHARE
+
+
+class AcceptanceStats:
+    """Per draft position i: how often a proposal reached there (every earlier one accepted) was accepted,
+    decayed so that recent steps count most."""
+
+    DECAY = 0.9
+
+    def __init__(self, positions: int) -> None:
+        self.reached = [0.0] * positions
+        self.accepted = [0.0] * positions
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        for i in range(len(self.reached)):
+            self.reached[i] *= self.DECAY
+            self.accepted[i] *= self.DECAY
+        for i in range(min(num_proposed, num_accepted + 1)):
+            self.reached[i] += 1.0
+            self.accepted[i] += 1.0 if i < num_accepted else 0.0
+
+    def rates(self, prior: list[float], prior_weight: float) -> list[float]:
+        return [(a + prior_weight * p) / (r + prior_weight) for a, r, p in zip(self.accepted, self.reached, prior)]
+
+
 class NgramSpeculator:
     """Proposes for each request that decodes next, and stops proposing for a request whose proposals
     keep failing (acceptance under config.min_acceptance_rate over its last acceptance_window tokens)."""
@@ -87,6 +135,14 @@ class NgramSpeculator:
         self.stats = SpecDecodeStats()
         self._history: dict[str, deque[tuple[int, int]]] = {}  # req_id -> (proposed, accepted) per step
         self._disabled: set[str] = set()
+        k = config.num_speculative_tokens
+        self.step_cost = StepCostFit()  # length_policy "cost"
+        self._acceptance: dict[str, AcceptanceStats] = {}  # per request
+        self._all_acceptance = AcceptanceStats(k)  # every request's: the prior of a request's own
+
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A decode-only step of `rows` verified tokens took `seconds` (length_policy "cost")."""
+        self.step_cost.observe(rows, seconds)
 
     def can_speculate(self, request: Request) -> bool:
         """A decoding request whose proposals have not been switched off (with its grammar ready, if any)."""
@@ -117,16 +173,56 @@ class NgramSpeculator:
                 if proposals and request.structured_output is not None:  # only what the grammar allows
                     proposals = proposals[: request.structured_output.num_valid(proposals)]
                 request.spec_token_ids = proposals
+        decoding = [r for r in requests if r.num_tokens - r.num_computed_tokens == 1]
+        if config.length_policy == "cost":
+            self._keep_worthwhile(decoding)
         if max_rows is not None:
-            decoding = [r for r in requests if r.num_tokens - r.num_computed_tokens == 1]
             extra = sum(len(r.spec_token_ids) for r in decoding) - max(0, max_rows - len(decoding))
             while extra > 0:
                 longest = max(decoding, key=lambda r: len(r.spec_token_ids))
                 longest.spec_token_ids = longest.spec_token_ids[:-1]
                 extra -= 1
 
+    def _keep_worthwhile(self, decoding: list[Request]) -> None:
+        """Cut each request's proposals to the positions worth verifying this step.
+
+        Position i of a request is accepted with probability P_i (the product of its positions' acceptance
+        rates up to i: the request's own, pulled towards all requests' while it has few steps). A step of R
+        rows costs a + b * R and emits E tokens on average; one more row adds b and P_i tokens, which raises
+        E / (a + b R) only while P_i > b E / (a + b R). Rows are taken in decreasing P_i (a request's
+        positions in order, since P_i only falls), so a CPU where a row costs little next to the weights'
+        read (b << a) verifies every proposal, and one where rows cost much verifies only sure ones.
+        """
+        a, b = self.step_cost.coefficients()
+        prior = self._all_acceptance.rates([0.5] * self.config.num_speculative_tokens, 2.0)
+        candidates: list[tuple[float, int, Request]] = []
+        for request in decoding:
+            if not request.spec_token_ids:
+                continue
+            own = self._acceptance.get(request.req_id)
+            rates = own.rates(prior, 4.0) if own is not None else prior
+            p = 1.0
+            for i in range(len(request.spec_token_ids)):
+                p *= rates[i]
+                candidates.append((p, i, request))
+        keep: dict[str, int] = {}
+        expected, rows = float(len(decoding)), len(decoding)
+        for p, i, request in sorted(candidates, key=lambda c: (-c[0], c[1])):
+            if p * (a + b * rows) <= b * expected:
+                break
+            expected, rows = expected + p, rows + 1
+            keep[request.req_id] = i + 1
+        for request in decoding:
+            request.spec_token_ids = request.spec_token_ids[: keep.get(request.req_id, 0)]
+
     def record(self, req_id: str, num_proposed: int, num_accepted: int) -> None:
         self.stats.record(num_proposed, num_accepted)
+        if self.config.length_policy == "cost":
+            self._all_acceptance.record(num_proposed, num_accepted)
+            stats = self._acceptance.get(req_id)
+            if stats is None:
+                stats = self._acceptance[req_id] = AcceptanceStats(self.config.num_speculative_tokens)
+            stats.record(num_proposed, num_accepted)
         window = self._history.setdefault(req_id, deque())
         window.append((num_proposed, num_accepted))
         proposed = sum(p for p, _ in window)
@@ -141,3 +237,4 @@ class NgramSpeculator:
         for req_id in req_ids:
             self._history.pop(req_id, None)
             self._disabled.discard(req_id)
+            self._acceptance.pop(req_id, None)
