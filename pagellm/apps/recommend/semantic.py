@@ -113,7 +113,7 @@ class CrossScorerSettings:
     dev_users: int = 150  # dev pairs from the validation items of users after the full ranker's (see pipeline)
     layers: int = 3  # the bottom N layers of MiniLM (half the cost of all 6 per pair, at training and scoring)
     # NOTE: measured on the loaded 2 cores (docs/recommend.md): `top-layers:2` at lr 2e-4 and 5e-4 left the dev
-    # loss at the 1:2 prior's 0.637 (0.630-0.633) after an epoch of 3,000 pairs that took 7 minutes; `head`
+    # loss near the 1:2 prior's 0.637 (0.630-0.633) after up to an epoch of 3,000 pairs (7 minutes); `head`
     # (features once through the engine, a linear head on standardized features) reached 0.603 on 11,316 pairs
     # in 4 minutes, so it is the default
     strategy: str = "head"
