@@ -25,6 +25,53 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(samples)}
 
 
+def old_pair_text(data, hist: list[int], ratings: list[float], cand: int) -> str:
+    """The cross scorer's pair text before this change (5 labels with years, then the candidate with "Genres:"),
+    rebuilt here only to measure what it cost."""
+    order = list(range(len(hist)))[::-1]
+    liked = [i for i in order if ratings[i] >= 4][:5]
+    picked = sorted(liked + [i for i in order if i not in liked][:5 - len(liked)], reverse=True)
+    profile = "Recently watched: " + "; ".join(data.items[hist[i]].label for i in picked) + "."
+    return f"{profile} [SEP] {data.items[cand].text}"
+
+
+def scorer_breakdown(service, cases, reps: int) -> dict:
+    """Where the fine-tuned scorer's time goes, on 100 pairs of one user: tokens per pair, the one batched
+    LLM.classify call of the served scorer (its `cross_layers` bottom MiniLM layers), and the old text through all
+    6 MiniLM layers (LLM.embed of the bundled MiniLM: the old 6-layer classifier's encoder compute) to compare."""
+    from pagellm.apps.recommend.pipeline import cases_to_histories
+    from pagellm.apps.recommend.semantic import MAX_PAIR_TOKENS, pair_text, profile_text
+
+    batch = cases_to_histories(service.data, cases)
+    new_texts, old_texts = [], []
+    for hist, ratings, cands in zip(batch.items, batch.ratings, batch.candidates):
+        profile = profile_text([service.data.items[i] for i in hist], ratings)
+        new_texts.append([pair_text(profile, service.data.items[c]) for c in cands])
+        old_texts.append([old_pair_text(service.data, hist, ratings, c) for c in cands])
+    tokenizer = service.cross.llm.get_tokenizer()
+    new_tokens = [min(len(tokenizer(t)["input_ids"]), MAX_PAIR_TOKENS) for texts in new_texts for t in texts]
+    old_tokens = [len(tokenizer(t)["input_ids"]) for texts in old_texts for t in texts]
+
+    def timed(fn, groups) -> dict:
+        fn(groups[0][:4])
+        samples = []
+        for r in range(reps):
+            t0 = time.perf_counter()
+            fn(groups[r % len(groups)])
+            samples.append(time.perf_counter() - t0)
+        return percentiles(samples)
+
+    embed = service.encoder.llm
+    return {"pairs_per_call": len(new_texts[0]), "cross_layers": service.config["settings"]["cross"]["layers"],
+            "tokens_per_pair": {"now": round(float(np.mean(new_tokens)), 1),
+                                "before": round(float(np.mean(old_tokens)), 1)},
+            "now_classify": timed(service.cross.score, new_texts),
+            "before_text_6_layers_embed": timed(lambda t: embed.embed(t, truncate_prompt_tokens=-1, use_tqdm=False),
+                                                old_texts),
+            "now_text_6_layers_embed": timed(lambda t: embed.embed(t, truncate_prompt_tokens=-1, use_tqdm=False),
+                                             new_texts)}
+
+
 def main() -> None:
     from pagellm.apps.recommend.pipeline import cases_to_histories, cross_fn, evaluate, leave_last_out
     from pagellm.apps.recommend.ranker import feature_matrices
@@ -36,6 +83,7 @@ def main() -> None:
     p.add_argument("--full-reps", type=int, default=10)
     p.add_argument("--batch-users", type=int, default=256, help="users per batch for the fast users/s")
     p.add_argument("--full-batch-users", type=int, default=8, help="users per batch for the full users/s")
+    p.add_argument("--breakdown-users", type=int, default=5, help="users whose 100 pairs the breakdown scores")
     p.add_argument("--evaluate", action="store_true", help="also run the leave-last-out evaluation")
     p.add_argument("--finetuned-users", type=int, default=None)
     p.add_argument("--cold-users", type=int, default=300)
@@ -66,6 +114,8 @@ def main() -> None:
         latency[mode] = percentiles(samples)
         print(mode, latency[mode], file=sys.stderr)
     result["latency_1_user_100_candidates"] = latency
+    result["cross_scorer_breakdown"] = scorer_breakdown(service, cases[:args.breakdown_users], args.full_reps)
+    print("breakdown", result["cross_scorer_breakdown"], file=sys.stderr)
 
     throughput = {}
     for mode, num in (("fast", args.batch_users), ("full", args.full_batch_users)):

@@ -21,8 +21,13 @@ def add_recommend_parser(sub: Any) -> None:
     tr.add_argument("--num-negatives", type=int, default=99, help="sampled never-rated items per test target")
     tr.add_argument("--num-valid-negatives", type=int, default=19, help="the same for the ranker's validation cases")
     tr.add_argument("--max-users", type=int, default=None, help="train on the first N users only (a quick run)")
-    tr.add_argument("--pairs-per-user", type=int, default=1, help="cross-scorer positives per user (+1 negative each)")
-    tr.add_argument("--cross-valid-users", type=int, default=200,
+    tr.add_argument("--pairs-per-user", type=int, default=4,
+                    help="cross-scorer steps per user (each: a positive, a uniform and a popularity-sampled negative)")
+    tr.add_argument("--cross-strategy", default="head", help="cross-scorer `pagellm finetune` strategy")
+    tr.add_argument("--cross-epochs", type=float, default=10.0, help="cross-scorer fine-tuning epochs")
+    tr.add_argument("--cross-lr", type=float, default=1e-3, help="cross-scorer learning rate")
+    tr.add_argument("--cross-layers", type=int, default=3, help="the cross scorer keeps MiniLM's bottom N layers")
+    tr.add_argument("--cross-valid-users", type=int, default=400,
                     help="validation users whose pairs the cross scorer scores to train the full ranker")
     tr.add_argument("--store", default=None,
                     help="a postgresql:// URI (PostgreSQL with pgvector) instead of store.sqlite in --out")
@@ -67,7 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                              num_valid_negatives=args.num_valid_negatives, max_users=args.max_users,
                              encoder=args.encoder,
                              cross_valid_users=args.cross_valid_users, store=args.store,
-                             cross=CrossScorerSettings(pairs_per_user=args.pairs_per_user, seed=args.seed))
+                             cross=CrossScorerSettings(pairs_per_user=args.pairs_per_user, strategy=args.cross_strategy,
+                                                       epochs=args.cross_epochs,
+                                                       lr=args.cross_lr, layers=args.cross_layers, seed=args.seed))
     report = train(load_data(args), args.out, settings)
     print(json.dumps({"out": args.out, "users": report["num_users"], "items": report["num_items"],
                       "timings": report["timings"]}))

@@ -28,6 +28,7 @@ from pagellm.apps.recommend.semantic import (
     BiEncoder,
     CrossScorer,
     CrossScorerSettings,
+    cross_dev_rows,
     cross_training_rows,
     pair_text,
     profile_text,
@@ -53,7 +54,7 @@ class TrainSettings:
     encoder: str | None = None  # None: the bundled MiniLM
     # NOTE: the cross scorer runs ~50-130 pairs/s on 2 cores, so the full ranker learns from the validation cases
     # of the first N users only (N x (1 + num_valid_negatives) pairs); the fast ranker from all of them
-    cross_valid_users: int | None = 200
+    cross_valid_users: int | None = 400
     store: str | None = None  # None: store.sqlite in the model folder; or a postgresql:// URI (pgvector)
     cross: CrossScorerSettings = field(default_factory=CrossScorerSettings)
 
@@ -110,7 +111,12 @@ def train(data: Dataset, out: str | Path, settings: TrainSettings) -> dict[str, 
 
     t = time.perf_counter()
     rows = cross_training_rows(data, split.fit, settings.cross)
-    cross_report = train_cross_scorer(rows, out, settings.cross, settings.encoder)
+    # NOTE: the dev users come after the full ranker's (cross_valid_users), so picking the best checkpoint on
+    # their validation items does not flatter the cross scores the ranker learns from
+    first_dev = settings.cross_valid_users or len(split.valid)
+    dev_rows = cross_dev_rows(data, split.valid[first_dev:first_dev + settings.cross.dev_users], split.fit,
+                              settings.seed)
+    cross_report = train_cross_scorer(rows, out, settings.cross, settings.encoder, dev_rows)
     timings["finetune_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

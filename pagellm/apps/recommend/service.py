@@ -19,7 +19,7 @@ import numpy as np
 from pagellm.apps.recommend.data import Dataset
 from pagellm.apps.recommend.pipeline import cross_fn, leave_last_out, load_dataset, read_config, store_location
 from pagellm.apps.recommend.ranker import Histories, feature_matrices
-from pagellm.apps.recommend.semantic import BiEncoder, CrossScorer, pair_text, profile_weights
+from pagellm.apps.recommend.semantic import BiEncoder, CrossScorer, pair_text, profile_text, profile_weights
 from pagellm.apps.recommend.store import open_store
 from pagellm.errors import InvalidRequest
 
@@ -167,8 +167,7 @@ class RecommendService:
             data = self.data
             if extra_texts:
                 def cross(b: Histories) -> np.ndarray:  # a profile text naming out-of-catalogue items as given
-                    names = [data.items[i].label for i in items] + extra_texts
-                    profile = "Recently watched: " + "; ".join(names[-5:]) + "."
+                    profile = profile_text([data.items[i] for i in items], ratings, extra_titles=extra_texts)
                     return self.cross.score([pair_text(profile, data.items[c]) for c in cand])[None, :]
             else:
                 cross = cross_fn(data, self.cross)

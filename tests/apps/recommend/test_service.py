@@ -26,7 +26,11 @@ def test_train_writes_every_stage_and_its_time(trained_model):
         assert (out / name).is_file(), name
     assert report["num_users"] == 15 and report["num_items"] == len(data.items)
     assert set(report["timings"]) >= {"item_embeddings_s", "behaviour_models_s", "finetune_s", "ranker_s"}
-    assert report["cross_scorer"]["pairs"] == 2 * 15  # one positive and one sampled negative per user
+    cross = report["cross_scorer"]
+    assert cross["pairs"] == 15 * 4 * 3  # 4 steps per user: a positive, a uniform and a popular negative each
+    assert cross["dev_pairs"] == 5 * 3  # the validation items of the users after the full ranker's 10
+    assert len(cross["dev_history"]) == 10 and all(0.0 < h["loss"] < 5.0 for h in cross["dev_history"])
+    assert json.loads((out / "finetuned" / "config.json").read_text())["num_hidden_layers"] == 3
 
 
 def test_evaluate_reports_every_method_and_cold_start(trained_model, capsys):
@@ -118,3 +122,18 @@ def test_served_over_http(serve_app, service):
     assert health["users"] == 15 and health["modes"] == ["fast", "full"]
     resp = httpx.post(f"{base}/v1/recommend", json={"user_id": 1, "k": 3}, timeout=60)
     assert resp.status_code == 200 and len(resp.json()["data"]) == 3 and resp.json()["mode"] == "fast"
+
+
+def test_cross_scorer_cuts_a_long_pair_to_the_token_cap_in_one_batched_call(service):
+    from pagellm.apps.recommend.semantic import MAX_PAIR_TOKENS, pair_text
+
+    items = service.data.items
+    long_profile = "; ".join(item.title for item in items[:150])  # a description-sized profile
+    texts = [pair_text(long_profile, items[0])] + [pair_text("Drama. Fargo", item) for item in items[1:8]]
+    tokenizer = service.cross.llm.get_tokenizer()
+    assert len(tokenizer(texts[0])["input_ids"]) > 4 * MAX_PAIR_TOKENS
+    together = service.cross.score(texts)  # NOTE: the scoring cost follows the tokens: the cap bounds it
+    cut = tokenizer(texts[0], truncation=True, max_length=MAX_PAIR_TOKENS)["input_ids"]
+    alone = service.cross.llm.classify([cut], use_tqdm=False)[0].outputs.probs[service.cross.positive_index]
+    assert together[0] == pytest.approx(alone, abs=1e-5)
+    assert together[1:] == pytest.approx(service.cross.score(texts[1:]), abs=1e-5)
