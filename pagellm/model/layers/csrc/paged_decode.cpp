@@ -113,11 +113,16 @@ void decode_kernel(const float* q, const T* k_cache, const T* v_cache, const int
   std::vector<float> part_out(pairs * splits * group * head_dim);
   std::vector<float> part_max(pairs * splits * group, -std::numeric_limits<float>::infinity());
   std::vector<float> part_sum(pairs * splits * group, 0.f);
+  // NOTE: items are visited in (KV head, split, row) order, so the rows of one sequence (a prompt chunk or the
+  // proposals of speculative decoding, one row per token) attend to the same keys and values one after another:
+  // the first brings them into cache, the rest read them there instead of from memory (a long context is
+  // megabytes a layer). Each item's arithmetic, and where its result goes, is the same in any order.
   at::parallel_for(0, pairs * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, scratch(head_dim);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t pair = item / splits, split = item % splits;
-      const int64_t seq = pair / num_kv_heads, kv_head = pair % num_kv_heads;
+    for (int64_t visit = begin; visit < end; ++visit) {
+      const int64_t kv_head = visit / (splits * num_seqs), rest = visit % (splits * num_seqs);
+      const int64_t split = rest / num_seqs, seq = rest % num_seqs;
+      const int64_t item = (seq * num_kv_heads + kv_head) * splits + split;
       const int64_t len = seq_lens[seq];
       const int64_t t0 = std::min(len, split * kSplitTokens), t1 = std::min(len, t0 + kSplitTokens), n = t1 - t0;
       float* o = part_out.data() + item * group * head_dim;
