@@ -207,15 +207,16 @@ def training_rows(retriever: Any, questions: list[dict[str, Any]], max_sentences
     and, as the assistant turn, the labelled entry's first sentences with its citation number."""
     import re
 
-    from pagellm.apps.helpdesk.service import NUM_PASSAGES, build_messages
+    from pagellm.apps.helpdesk.service import build_messages, prompt_hits
 
     rows = []
     for q in questions:
         retrieval = retriever.retrieve(q["question"])
-        ids = [h.entry.id for h in retrieval.hits[:NUM_PASSAGES]]
+        hits = prompt_hits(retrieval)
+        ids = [h.entry.id for h in hits]
         if q["id"] not in ids:
             continue  # the answer is not among the passages: nothing to ground a target on
-        entry = retrieval.hits[ids.index(q["id"])].entry
+        entry = hits[ids.index(q["id"])].entry
         sentences = re.split(r"(?<=[.!?])\s+", " ".join(entry.answer.split()))
         target = " ".join(sentences[:max_sentences]).rstrip()
         messages = build_messages(q["question"], retrieval)
