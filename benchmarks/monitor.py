@@ -9,9 +9,14 @@ the separate topic embedding. Every measurement is preceded by one untimed warm-
 the load average (1, 5, 15 min) at the start and the end: on a shared machine a load above ~3 means the
 figures are the machine's, not the monitor's.
 
+`--quantizations none,int8` measures every path in float32 and with the encoders' big linears in int8
+(`LLM(quantization="int8")`, `pagellm monitor --quantization int8`), alternating (float32 first, then int8,
+for each measurement) so both see the same machine state; the JSON has one entry per quantization under
+`by_quantization`, and its top-level figures are the first one's.
+
 Stream: news3 sentences (tests/data/sentiment/news3) in seeded random order, ids unique.
 Usage: python benchmarks/monitor.py --sentiment clf/sentiment [--num-texts 2000] [--batch-size 64]
-           [--paths auto,two-pass] [--out docs/results/monitor/benchmark.json]
+           [--paths auto,two-pass] [--quantizations none,int8] [--out docs/results/monitor/benchmark.json]
 """
 
 from __future__ import annotations
@@ -61,13 +66,15 @@ class TimedClassifier:
             self.seconds += time.perf_counter() - t0
 
 
-def run_pipeline(sentiment: str, one_pass: bool | None, lines: list[str], batch_size: int) -> dict:
+def run_pipeline(sentiment: str, one_pass: bool | None, lines: list[str], batch_size: int,
+                 quantization: str = "auto") -> dict:
     from pagellm.apps.monitor.detector import DetectorConfig
     from pagellm.apps.monitor.service import EngineClassifier, MonitorService, parse_item, parse_topics
     from pagellm.apps.monitor.store import SQLiteStore
 
     t_load = time.perf_counter()
-    classifier = TimedClassifier(EngineClassifier(sentiment, parse_topics(TOPICS), one_pass=one_pass))
+    classifier = TimedClassifier(EngineClassifier(sentiment, parse_topics(TOPICS), one_pass=one_pass,
+                                                  quantization=quantization))
     load_s = time.perf_counter() - t_load
     classifier.inner.classify([json.loads(line)["text"] for line in lines[:batch_size]])  # warm-up, untimed
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,26 +118,40 @@ def main() -> None:
     p.add_argument("--num-texts", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--paths", default="auto,two-pass", help=f"comma-separated, of {', '.join(PATHS)}")
+    p.add_argument("--quantizations", default="none", help="comma-separated, of none, int8")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "monitor" / "benchmark.json"))
     args = p.parse_args()
     paths = [name.strip() for name in args.paths.split(",") if name.strip()]
     if not paths or any(name not in PATHS for name in paths):
         raise SystemExit(f"--paths takes a comma-separated list of {', '.join(PATHS)}")
+    quantizations = [q.strip() for q in args.quantizations.split(",") if q.strip()]
+    if not quantizations or any(q not in ("none", "int8") for q in quantizations):
+        raise SystemExit("--quantizations takes a comma-separated list of none, int8")
     load_start = os.getloadavg()
     lines = stream_lines(args.num_texts)
     texts = [json.loads(line)["text"] for line in lines]
-    embedder = LLM(_minilm(), task="embed", dtype="float32")
     result: dict = {"num_texts": len(lines), "batch_size": args.batch_size, "sentiment": args.sentiment,
                     "torch_threads": torch.get_num_threads(), "load_average_start": list(load_start)}
-    result["embed_only_texts_per_s"] = run_baseline(embedder, texts, args.batch_size, "embed")
-    classifier = LLM(args.sentiment, task="classify", dtype="float32")
-    result["classify_only_texts_per_s"] = run_baseline(classifier, texts, args.batch_size, "classify")
-    del embedder, classifier
-    result["pipelines"] = {name: run_pipeline(args.sentiment, PATHS[name], lines, args.batch_size)
-                           for name in paths}
-    first = result["pipelines"][paths[0]]
-    result.update(path=first["path"], texts_per_s=first["texts_per_s"],
-                  batch_latency_p50_s=first["batch_latency_p50_s"], batch_latency_p99_s=first["batch_latency_p99_s"])
+    runs: dict = {q: {} for q in quantizations}
+    for q in quantizations:
+        embedder = LLM(_minilm(), task="embed", dtype="float32", quantization=q)
+        runs[q]["embed_only_texts_per_s"] = run_baseline(embedder, texts, args.batch_size, "embed")
+        del embedder
+    for q in quantizations:
+        classifier = LLM(args.sentiment, task="classify", dtype="float32", quantization=q)
+        runs[q]["classify_only_texts_per_s"] = run_baseline(classifier, texts, args.batch_size, "classify")
+        del classifier
+    for name in paths:
+        for q in quantizations:
+            runs[q].setdefault("pipelines", {})[name] = run_pipeline(args.sentiment, PATHS[name], lines,
+                                                                     args.batch_size, q)
+    first = runs[quantizations[0]]
+    result.update(embed_only_texts_per_s=first["embed_only_texts_per_s"],
+                  classify_only_texts_per_s=first["classify_only_texts_per_s"], pipelines=first["pipelines"])
+    top = first["pipelines"][paths[0]]
+    result.update(path=top["path"], texts_per_s=top["texts_per_s"],
+                  batch_latency_p50_s=top["batch_latency_p50_s"], batch_latency_p99_s=top["batch_latency_p99_s"])
+    result["by_quantization"] = runs
     result["load_average_end"] = list(os.getloadavg())
     result["load_note"] = ("quiet enough" if max(load_start[0], result["load_average_end"][0]) <= 3 else
                            "load average above 3: a shared machine's figures, rerun on an idle one")

@@ -171,6 +171,9 @@ class Worker:
         hf_config = load_hf_config(source.path)
         model_cls = get_pooling_model_class(getattr(hf_config, "architectures", None), self.task)
         self.model = load_encoder(model_cls, hf_config, source, dtype, self.device)
+        if _pooling_quantization(config.quantization, self.model, dtype, self.device) == "int8":
+            swapped = self.model.quantize_int8()
+            logger.info("encoder: %d linear layers in int8 (int8 activations per row)", swapped)
         # NOTE: a classifier saved by pagellm finetune names the pooling its encoder was trained with
         # (classifier_pooling, e.g. MiniLM's mean) and keeps no sentence-transformers files: that pooling is its
         # embedding's too, so a frozen-encoder head embeds as its base encoder does. Else a model class may
@@ -299,6 +302,24 @@ def build_worker(model_config: ModelConfig, task: str = GENERATE_TASK, lora_conf
     from pagellm.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(model_config, task, lora_config, parallel_config)  # type: ignore[return-value]
+
+
+def _pooling_quantization(quantization: str | None, model: torch.nn.Module, dtype: torch.dtype,
+                          device: torch.device) -> str | None:
+    """What a pooling model runs with: "auto"/"none" float (the default), or "int8" (an encoder's big linears
+    with int8 weights and activations, float32 on the CPU only; docs/monitor.md "Performance")."""
+    if quantization in (None, "none", "auto"):
+        return None
+    if quantization != "int8":
+        raise InvalidRequest(f"quantization for task embed/classify must be one of auto, none, int8; got "
+                             f"{quantization!r}", param="quantization")
+    if not hasattr(model, "quantize_int8"):
+        raise InvalidRequest(f"quantization int8 for pooling is supported for BERT encoders only, not "
+                             f"{type(model).__name__}", param="quantization")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise InvalidRequest(f"quantization int8 for an encoder needs device cpu and dtype float32, got "
+                             f"{device.type} / {_dtype_name(dtype)}", param="quantization")
+    return "int8"
 
 
 def _first(value: int | list[int] | None) -> int | None:

@@ -44,6 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alerts", default=None, help="append alerts to this JSONL file")
     p.add_argument("--webhook", default=None, help="POST each alert here (retried with back-off)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8"],
+                   help="int8: the encoders' big linear layers in int8 (faster on CPUs; docs/monitor.md "
+                        "'Performance'); auto/none: float32")
     g = p.add_argument_group("detection")
     g.add_argument("--window", type=int, default=d.window, help="recent texts per topic behind the shown share")
     g.add_argument("--baseline-window", type=int, default=d.baseline_window)
@@ -60,7 +63,8 @@ def build_service(args: argparse.Namespace) -> Any:
     config = DetectorConfig(args.window, args.baseline_window, args.min_baseline, args.shift, args.threshold,
                             args.cooldown)
     config.check()
-    classifier = EngineClassifier(args.sentiment, parse_topics(args.topics), args.topic_method, args.embed_model)
+    classifier = EngineClassifier(args.sentiment, parse_topics(args.topics), args.topic_method, args.embed_model,
+                                  quantization=args.quantization)
     return MonitorService(classifier, open_store(args.db), config, args.alerts, args.webhook, args.batch_size)
 
 

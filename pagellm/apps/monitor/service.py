@@ -116,16 +116,18 @@ class EngineClassifier:
     else (`--strategy full` or `top-layers:K`, whose encoder moved; another base model) two passes run.
     `path` says which ran: "one-pass", "two-pass" or "zero-shot"; `encoder_passes` counts model passes per text.
     `one_pass`: None decides by that measurement, False always runs two passes, True raises if it cannot.
+    `quantization`: "int8" runs both encoders' big linears in int8 (LLM(quantization="int8"), docs/monitor.md
+    "Performance"); "auto" keeps float32.
     """
 
     def __init__(self, sentiment_model: str, topics: dict[str, str], topic_method: str = "embed",
                  embed_model: str | None = None, negative_label: str = "negative",
-                 one_pass: bool | None = None) -> None:
+                 one_pass: bool | None = None, quantization: str = "auto") -> None:
         from pagellm import LLM
 
         if topic_method not in ("embed", "zero-shot"):
             raise InvalidRequest("topic_method must be embed or zero-shot", param="topic_method")
-        self.sentiment = LLM(sentiment_model, task="classify", dtype="float32")
+        self.sentiment = LLM(sentiment_model, task="classify", dtype="float32", quantization=quantization)
         probe = self.sentiment.classify(["probe"], use_tqdm=False)[0].outputs
         if negative_label not in probe.labels:
             raise InvalidRequest(f"the sentiment model's labels {probe.labels} have no {negative_label!r}",
@@ -141,7 +143,8 @@ class EngineClassifier:
             self.decoder = LLM(embed_model) if embed_model else LLM()
             self.path, self.encoder_passes, detail = "zero-shot", 2, "topics by the decoder"
         else:
-            embedder = LLM(embed_model or _bundled_encoder(), task="embed", dtype="float32")
+            embedder = LLM(embed_model or _bundled_encoder(), task="embed", dtype="float32",
+                           quantization=quantization)
             described = embedder.embed(list(topics.values()), truncate_prompt_tokens=-1, use_tqdm=False)
             # [topics, hidden]
             self.topic_matrix = np.asarray([o.outputs.embedding for o in described], dtype=np.float32)

@@ -14,6 +14,7 @@ from torch import nn
 
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.encoder_attention import packed_attention
+from pagellm.model.layers.encoder_int8 import int8_available, quantize_linears
 from pagellm.model.pooling import pool
 from pagellm.pooling_params import POOLING_TYPES
 
@@ -45,6 +46,9 @@ _EMBEDDING_WEIGHTS: dict[str, str] = {
     "embeddings.LayerNorm": "embeddings.norm",
 }
 _TF_PARAM_NAMES = {"gamma": "weight", "beta": "bias"}  # LayerNorm names of TF-converted checkpoints
+# NOTE: the layers quantization="int8" runs in int8 (layers/encoder_int8.py): 92% of a layer's matmul FLOPs.
+# The attention output projection (384x384 on MiniLM) stays float32: int8 was no faster on it.
+INT8_LINEARS = ("attn.qkv_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def check_bert_config(config) -> None:
@@ -146,6 +150,14 @@ class BertModel(nn.Module):
             x = layer(x, seq_lens)
         return x
 
+    def quantize_int8(self) -> int:
+        """Run the encoder layers' big linears in int8 (INT8_LINEARS); returns how many were swapped.
+        Inference only, on the CPU, after the weights are loaded."""
+        if not int8_available():
+            raise InvalidRequest("quantization int8 for encoders needs torch's fbgemm int8 ops (an x86 CPU)",
+                                 param="quantization")
+        return quantize_linears(self.layers, INT8_LINEARS)
+
     def map_weight_name(self, hf_name: str) -> tuple[str, int | None] | None:
         """HF name -> (our parameter name, q/k/v slot or None); None for tensors we don't use."""
         name = hf_name.removeprefix("bert.")
@@ -184,6 +196,10 @@ class BertForSequenceClassification(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int],
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert(input_ids, positions, seq_lens, token_type_ids)  # [num_tokens, hidden]
+
+    def quantize_int8(self) -> int:
+        """The encoder's linears in int8 (BertModel.quantize_int8); the pooler and classifier stay float32."""
+        return self.bert.quantize_int8()
 
     def compute_logits(self, hidden: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         """hidden: [num_tokens, hidden] -> float32 logits [num_seqs, num_labels]."""

@@ -119,3 +119,24 @@ def test_a_classifier_whose_encoder_moved_keeps_two_passes(tmp_path_factory, tin
     assert other.path == "two-pass"
     with pytest.raises(InvalidRequest, match="reads at most 128 tokens, the topic encoder 256"):
         EngineClassifier(sentiment_dir, topics, one_pass=True)
+
+
+def test_int8_encoders_give_the_same_topics_and_keep_one_pass(tmp_path, tiny_encoder, sentiment_dir, capsys):
+    """`--quantization int8` (docs/monitor.md "Performance"): MiniLM in int8 still puts the four news sentences
+    in their topics, and a head on the topic encoder still runs one pass (both encoders quantize alike)."""
+    from pagellm.apps.monitor.service import EngineClassifier, parse_topics
+
+    texts = ["The Federal Reserve raised interest rates by half a point to fight inflation.",
+             "The company reported record quarterly profits and revenue above forecasts.",
+             "Prosecutors charged the bank's former director with fraud and money laundering.",
+             "The home team won the championship game in overtime."]
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    db = tmp_path / "m.sqlite"
+    assert cli_main(["monitor", "run", str(stream), "--sentiment", sentiment_dir, "--topics", TOPICS, "--db",
+                     str(db), "--quantization", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["classified"] == 4
+    rows = sqlite3.connect(db).execute("SELECT topic FROM texts ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == ["rates", "earnings", "fraud", "sport"]
+    one = EngineClassifier(sentiment_dir, parse_topics(TOPICS), embed_model=tiny_encoder, quantization="int8")
+    assert (one.path, one.encoder_passes) == ("one-pass", 1)
