@@ -149,7 +149,8 @@ def test_greedy_outputs_equal_plain_decoding_at_batch_1_and_in_a_mixed_batch(tin
               GREEDY, SamplingParams(temperature=0, max_tokens=40, min_tokens=30)]
     assert _tokens(spec, prompts, params) == _tokens(base, prompts, params)
     stats = _stats(spec)
-    assert stats.num_accepted_tokens > 20 and stats.num_accepted_tokens < stats.num_draft_tokens
+    if policy == "fixed":  # "cost" verifies as many as this machine's step times make worthwhile: maybe few
+        assert stats.num_draft_tokens > 50 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_greedy_outputs_survive_preemption(tiny_llama_dir):
