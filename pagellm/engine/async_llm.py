@@ -333,6 +333,22 @@ class AsyncLLM(StreamingClient):
             rows = engine.classify(ids) if engine.task == "classify" else engine.embed(ids, normalize=normalize)
             return ids, rows
 
+        return await self._pooling_call(work)
+
+    async def classify_and_embed(self, prompts: Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+                                 normalize: bool | None = None,
+                                 ) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
+        """(token ids, class probabilities, pooled embedding) per prompt of a classification model, from one
+        forward each (LLMEngine.classify_and_embed)."""
+
+        def work(engine: LLMEngine) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
+            _, ids = engine.process_pooling_prompts(prompts, truncate_prompt_tokens)
+            probs, vectors = engine.classify_and_embed(ids, normalize=normalize)
+            return ids, probs, vectors
+
+        return await self._pooling_call(work)
+
+    async def _pooling_call(self, work):
         self._num_calls += 1
         try:
             return await self._on_engine_thread(work)

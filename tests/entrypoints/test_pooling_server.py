@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from pagellm import LLM
+from pagellm import LLM, PoolingParams
 from pagellm.entrypoints.openai.api_server import build_async_llm
 from pagellm.label_prompt import encode_label_prompt, label_token_ids
 from pagellm.model_source import bundled_encoder_path
@@ -161,6 +161,15 @@ def test_classify_server_matches_the_offline_api(tiny_bert_classifier_dir):
         assert body["usage"] == {"prompt_tokens": num_tokens, "total_tokens": num_tokens}
         by_ids = _post(server, "/classify", {"input": offline[0].prompt_token_ids}).json()["data"]
         assert by_ids[0]["probs"] == pytest.approx(offline[0].outputs.probs, abs=1e-6)
+        assert all(item["embedding"] is None for item in body["data"])  # only when asked
+        # return_embedding (pagellm extension): the pooled vector from the same forward, as the offline API gives
+        both = LLM(tiny_bert_classifier_dir, task="classify", dtype="float32").classify(
+            TEXTS, pooling_params=PoolingParams(return_embedding=True), use_tqdm=False)
+        with_vectors = _post(server, "/classify", {"input": TEXTS, "return_embedding": True}).json()["data"]
+        for item, want in zip(with_vectors, both, strict=True):
+            assert len(item["embedding"]) == 32 and item["embedding"] == pytest.approx(want.outputs.embedding, abs=1e-5)
+            assert item["probs"] == pytest.approx(want.outputs.probs, abs=1e-6)
+        _assert_400(_post(server, "/classify", {"input": "x", "return_embedding": "maybe"}), "", "return_embedding")
         _assert_400(_post(server, "/classify", {"input": "x", "labels": ["a", "b"]}), "own labels", "labels")
         _assert_400(_post(server, "/classify", {"input": ""}), "empty")
         _assert_400(_post(server, "/v1/embeddings", {"input": "x"}), "--task embed")
@@ -188,6 +197,7 @@ def test_zero_shot_classify_on_a_generate_server(tiny_server, tiny_llm, bundled_
 
 @pytest.mark.parametrize("body, match, param", [
     ({"input": "text"}, "needs 'labels'", "labels"),
+    ({"input": "text", "labels": ["a", "b"], "return_embedding": True}, "pools nothing", "return_embedding"),
     ({"input": "text", "labels": ["only"]}, "at least two", "labels"),
     ({"input": [[1, 2, 3]], "labels": ["a", "b"]}, "not token ids", "input"),
     ({"input": "word " * 600, "labels": ["a", "b"]}, "maximum context length", "prompt"),

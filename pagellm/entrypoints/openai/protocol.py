@@ -356,6 +356,8 @@ class ClassificationRequest(OpenAIBaseModel):
     truncate_prompt_tokens: int | None = None
     labels: list[str] | None = None
     instruction: str | None = None
+    # pagellm extension: each item's `embedding` also holds the input's pooled vector from the same forward
+    return_embedding: bool = False
 
 
 class ClassificationData(_Response):
@@ -363,6 +365,7 @@ class ClassificationData(_Response):
     label: str
     probs: list[float]
     num_classes: int
+    embedding: list[float] | None = None  # only with return_embedding
 
 
 class ClassificationResponse(_Response):

@@ -26,6 +26,9 @@ class OpenAIServingZeroShotClassification(OpenAIServing):
         if req.truncate_prompt_tokens is not None:
             raise InvalidRequest("truncate_prompt_tokens is not supported for zero-shot classification",
                                  param="truncate_prompt_tokens")
+        if req.return_embedding:
+            raise InvalidRequest("return_embedding needs a classification model (--task classify): zero-shot "
+                                 "classification pools nothing", param="return_embedding")
         texts = pooling_prompts(req.input)
         if any(not isinstance(text, str) for text in texts):
             raise InvalidRequest("zero-shot classification takes texts, not token ids: each text goes inside "

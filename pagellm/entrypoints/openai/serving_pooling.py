@@ -44,10 +44,13 @@ def encode_embedding(vector: list[float], encoding_format: str) -> list[float] |
     return vector
 
 
-def classification_data(probs: Sequence[list[float]], labels: list[str]) -> list[ClassificationData]:
-    """One item per input: its probabilities in class order and the most likely class's name."""
+def classification_data(probs: Sequence[list[float]], labels: list[str],
+                        embeddings: Sequence[list[float]] | None = None) -> list[ClassificationData]:
+    """One item per input: its probabilities in class order, the most likely class's name and, when given,
+    its pooled embedding."""
     return [ClassificationData(index=i, label=labels[max(range(len(row)), key=row.__getitem__)], probs=row,
-                               num_classes=len(row)) for i, row in enumerate(probs)]
+                               num_classes=len(row), embedding=None if embeddings is None else embeddings[i])
+            for i, row in enumerate(probs)]
 
 
 class OpenAIServingPooling(ServingBase):
@@ -85,8 +88,12 @@ class OpenAIServingPooling(ServingBase):
                                  "this classification model has its own labels", param="labels")
         prompts = pooling_prompts(req.input)
         self.check_admission()
-        ids, probs = await self.engine.encode(prompts, req.truncate_prompt_tokens)
+        vectors = None
+        if req.return_embedding:
+            ids, probs, vectors = await self.engine.classify_and_embed(prompts, req.truncate_prompt_tokens)
+        else:
+            ids, probs = await self.engine.encode(prompts, req.truncate_prompt_tokens)
         num_tokens = sum(len(x) for x in ids)
         return ClassificationResponse(id=new_request_id("classify"), model=self.model_name,
-                                      data=classification_data(probs, list(self.engine.model_info().labels)),
+                                      data=classification_data(probs, list(self.engine.model_info().labels), vectors),
                                       usage=PoolingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
