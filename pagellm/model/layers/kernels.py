@@ -95,8 +95,12 @@ def _detected_features() -> CpuFeatures:
 
 
 def kernel_module_name(features: CpuFeatures | None = None) -> str:
-    """The extension's name, and so its build folder: one per CPU feature set, since the build is -march=native."""
-    return f"pagellm_kernels_{(features or _detected_features()).build_key()}"
+    """The extension's name, and so its build folder: one per CPU feature set, since the build is -march=native,
+    and one per source folder: torch's loader rebuilds when the sources' path changes, so two checkouts (a
+    fresh clone beside a working copy) sharing one folder rebuilt over each other at every first load, and a
+    server started meanwhile waited minutes for it."""
+    source = hashlib.sha1(str(_SOURCES[0].parent.resolve()).encode()).hexdigest()[:6]
+    return f"pagellm_kernels_{(features or _detected_features()).build_key()}_{source}"
 
 
 def _build_directory(name: str) -> Path:
