@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import load_average, make_prompts, wait_healthy, write_result  # noqa: E402
-from serve import _free_port, one_request, percentile  # noqa: E402
+from serve import _free_port, latency_summary, one_request, run_completions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "distributed_dp.json"
@@ -118,30 +118,12 @@ def per_replica(base: str, name: str) -> list[float]:
 
 
 async def drive_w3(base: str, args, server_pid: int) -> dict:
-    import httpx
-
-    prompts = make_prompts(args.num_requests, args.prompt_len)
-    url = f"{base}/v1/completions"
-    common = {"max_tokens": args.gen_len, "temperature": 0, "ignore_eos": True, "stream": True,
-              "stream_options": {"include_usage": True}}
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as client:
-        warm = asyncio.Semaphore(4)  # every replica warms up
-        await asyncio.gather(*(one_request(client, url, {"prompt": p, **common, "max_tokens": 4}, warm)
-                               for p in make_prompts(4, args.prompt_len, seed=99)))
-        sem = asyncio.Semaphore(args.concurrency)
-        (driver0, tree0), start = _tree_cpu_s(server_pid), time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, {"prompt": p, **common}, sem) for p in prompts))
-        elapsed = time.perf_counter() - start
-        driver1, tree1 = _tree_cpu_s(server_pid)
+    results, elapsed, (driver0, tree0), (driver1, tree1) = await run_completions(
+        base, args, make_prompts(args.num_requests, args.prompt_len), make_prompts(4, args.prompt_len, seed=99),
+        4, lambda: _tree_cpu_s(server_pid))  # 4 warm-up requests: every replica warms up
     num_out = sum(r["num_tokens"] for r in results)
-    assert num_out == args.num_requests * args.gen_len, num_out
-    ttfts = [r["ttft"] for r in results]
-    gaps = [g for r in results for g in r["gaps"]]
     return {
-        "elapsed_s": elapsed, "output_tok_s": num_out / elapsed,
-        "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-        "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+        **latency_summary(results, elapsed),
         "cpu_cores_used": (tree1 - tree0) / elapsed,  # all of the server's processes
         "driver_cpu_ms_per_output_token": 1000 * (driver1 - driver0) / num_out,
     }

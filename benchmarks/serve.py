@@ -120,36 +120,52 @@ async def one_request(client, url: str, body: dict, sem: asyncio.Semaphore) -> d
         return {"ttft": first - start, "gaps": gaps, "num_tokens": num_tokens, "e2e": last - start}
 
 
-async def drive(base: str, args, server_pid: int) -> dict:
+async def run_completions(base: str, args, prompts: list[str], warm_prompts: list[str], warm_concurrency: int,
+                          snapshot) -> tuple[list[dict], float, object, object]:
+    """Warm the server up with warm_prompts (4 tokens each), then stream every prompt as a completion of
+    args.gen_len tokens at args.concurrency; (results, elapsed s, snapshot() before, snapshot() after)."""
     import httpx
 
-    prompts = make_prompts(args.num_requests, args.prompt_len)
     url = f"{base}/v1/completions"
     common = {"max_tokens": args.gen_len, "temperature": 0, "ignore_eos": True, "stream": True,
               "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
-        warm = asyncio.Semaphore(2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900), limits=limits) as client:
+        warm = asyncio.Semaphore(warm_concurrency)
         await asyncio.gather(*(one_request(client, url, {"prompt": p, **common, "max_tokens": 4}, warm)
-                               for p in prompts[:2]))
+                               for p in warm_prompts))
         sem = asyncio.Semaphore(args.concurrency)
-        server_cpu0, client_cpu0, start = _proc_cpu_s(server_pid), _self_cpu_s(), time.perf_counter()
+        before, start = snapshot(), time.perf_counter()
         results = await asyncio.gather(*(one_request(client, url, {"prompt": p, **common}, sem) for p in prompts))
         elapsed = time.perf_counter() - start
-        server_cpu, client_cpu = _proc_cpu_s(server_pid) - server_cpu0, _self_cpu_s() - client_cpu0
+        after = snapshot()
     num_out = sum(r["num_tokens"] for r in results)
-    assert num_out == args.num_requests * args.gen_len, num_out
+    assert num_out == len(prompts) * args.gen_len, num_out
+    return results, elapsed, before, after
+
+
+def latency_summary(results: list[dict], elapsed: float) -> dict:
+    """Output tokens/s and TTFT / inter-token latency percentiles of run_completions' results."""
     ttfts = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     return {
         "elapsed_s": elapsed,
-        "output_tok_s": num_out / elapsed,
+        "output_tok_s": sum(r["num_tokens"] for r in results) / elapsed,
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
         "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99),
+    }
+
+
+async def drive(base: str, args, server_pid: int) -> dict:
+    prompts = make_prompts(args.num_requests, args.prompt_len)
+    results, elapsed, (server0, client0), (server1, client1) = await run_completions(
+        base, args, prompts, prompts[:2], 2, lambda: (_proc_cpu_s(server_pid), _self_cpu_s()))
+    return {
+        **latency_summary(results, elapsed),
         "e2e_p50_s": percentile([r["e2e"] for r in results], 50),
         # Shares of the machine's cores: near 1.0 for the engine means nothing else competed for the CPU.
-        "cpu_share": server_cpu / (elapsed * _num_cores()),
-        "client_cpu_share": client_cpu / (elapsed * _num_cores()),
+        "cpu_share": (server1 - server0) / (elapsed * _num_cores()),
+        "client_cpu_share": (client1 - client0) / (elapsed * _num_cores()),
     }
 
 

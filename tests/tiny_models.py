@@ -70,3 +70,17 @@ def save_causal_lm(path: str | Path, config, std: float = 0.08, seed: int = 0) -
     model.save_pretrained(str(path), safe_serialization=True)
     save_word_tokenizer(path, config.vocab_size)
     return str(path)
+
+
+def declare_sentence_transformers_mean_pooling(path: str | Path, dim: int) -> None:
+    """Make an encoder folder a sentence-transformers one that mean-pools and normalizes (like MiniLM)."""
+    import json
+
+    path = Path(path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": dim,
+                                                                "pooling_mode_mean_tokens": True}))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pagellm.adapt.finetune import FinetuneArgs, prepare, run_finetune
+from tests.tiny_models import declare_sentence_transformers_mean_pooling
 
 TEXTS = ["A moving, beautifully acted film.", "Dull, long and pointless.", "I laughed a lot."]
 
@@ -20,13 +21,7 @@ def tiny_mean_pooled_dir(tmp_path_factory, tiny_bert_dir) -> str:
     """The tiny random BERT as a sentence-transformers folder that declares mean pooling (like MiniLM)."""
     path = tmp_path_factory.mktemp("tiny_st") / "model"
     shutil.copytree(tiny_bert_dir, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                "pooling_mode_mean_tokens": True}))
+    declare_sentence_transformers_mean_pooling(path, 32)
     return str(path)
 
 

@@ -99,15 +99,20 @@ def _randomize(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def tiny_bert_classifier_dir(tmp_path_factory, hf_minilm) -> str:
     """A 2-layer random BertForSequenceClassification with MiniLM's tokenizer and named labels."""
+    _, tokenizer = hf_minilm
+    return save_tiny_bert_classifier(tmp_path_factory.mktemp("tiny_bert_cls"), tokenizer, num_labels=3,
+                                     id2label={0: "negative", 1: "neutral", 2: "positive"},
+                                     label2id={"negative": 0, "neutral": 1, "positive": 2})
+
+
+def save_tiny_bert_classifier(path, tokenizer, **config_overrides) -> str:
+    """A 2-layer random BertForSequenceClassification (weights from _randomize) and `tokenizer`, saved at path."""
     from transformers import BertForSequenceClassification as HFBertForSequenceClassification
 
-    _, tokenizer = hf_minilm
-    config = _tiny_bert_config(tokenizer, num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
-                               label2id={"negative": 0, "neutral": 1, "positive": 2})
+    config = _tiny_bert_config(tokenizer, **config_overrides)
     config.architectures = ["BertForSequenceClassification"]
     model = HFBertForSequenceClassification(config).eval()
     _randomize(model)
-    path = tmp_path_factory.mktemp("tiny_bert_cls")
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -11,7 +11,7 @@ from torch import nn
 from pagellm import LLM
 from pagellm.errors import InvalidRequest
 from pagellm.model.layers.encoder_int8 import Int8DynamicLinear, int8_available, quantize_linears
-from tests.model.test_bert import _randomize, _tiny_bert_config, make_texts
+from tests.model.test_bert import make_texts, save_tiny_bert_classifier
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="torch has no fbgemm int8 ops here")
 
@@ -71,19 +71,11 @@ def test_int8_embedding_barely_depends_on_the_batch(float_and_int8):
 def tiny_classifier_dir(tmp_path_factory) -> str:
     """A 2-layer random BertForSequenceClassification with MiniLM's tokenizer."""
     from transformers import AutoTokenizer
-    from transformers import BertForSequenceClassification as HFBertForSequenceClassification
 
     from pagellm.model_source import bundled_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_encoder_path()))
-    config = _tiny_bert_config(tokenizer, num_labels=3)
-    config.architectures = ["BertForSequenceClassification"]
-    model = HFBertForSequenceClassification(config).eval()
-    _randomize(model)
-    path = tmp_path_factory.mktemp("tiny_bert_cls_int8")
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert_classifier(tmp_path_factory.mktemp("tiny_bert_cls_int8"), tokenizer, num_labels=3)
 
 
 def test_int8_classifier_runs_its_encoder_in_int8(tiny_classifier_dir):

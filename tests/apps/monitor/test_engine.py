@@ -12,6 +12,7 @@ import torch
 from pagellm.entrypoints.cli import main as cli_main
 from pagellm.errors import InvalidRequest
 from tests.apps.monitor.conftest import NEWS3
+from tests.tiny_models import declare_sentence_transformers_mean_pooling
 
 TOPICS = ("rates: interest rates, central banks and inflation; earnings: company profits, revenue and quarterly "
           "results; fraud: fraud, crime, scandals and lawsuits; sport: sports, games and athletes")
@@ -32,13 +33,7 @@ def tiny_encoder(tmp_path_factory) -> str:
     torch.manual_seed(0)
     BertModel(config).save_pretrained(base, safe_serialization=True)
     tokenizer.save_pretrained(base)
-    (base / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
-    (base / "1_Pooling").mkdir()
-    (base / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                "pooling_mode_mean_tokens": True}))
+    declare_sentence_transformers_mean_pooling(base, 32)
     return str(base)
 
 
